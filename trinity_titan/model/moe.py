@@ -1,0 +1,157 @@
+"""Trinity's sparse MoE: sigmoid router with expert bias, grouped SwiGLU experts, one shared expert.
+
+The classes subclass TorchTitan's MoE components so that TorchTitan's expert-parallel, tensor-parallel,
+FSDP and torch.compile code applies to them unchanged (it keys on these types and attribute names:
+`router.gate`, `reorderer`, `experts.w1/w2/w3`, `shared_experts`, `expert_bias`, `tokens_per_expert`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchtitan.models.moe.moe import (
+    FeedForward,
+    GroupedExperts,
+    MoE,
+    TokenChoiceTopKRouter,
+    TokenReorderer,
+)
+
+from trinity_titan.kernels import silu_mul
+from trinity_titan.model.args import TrinityModelArgs
+from trinity_titan.model.init import trunc_normal_3sigma_
+
+
+def count_tokens(selected_experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Tokens per expert as int64, without a host sync (torch.histc has no int64 CPU kernel)."""
+    flat = selected_experts.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(
+        0, flat, torch.ones_like(flat)
+    )
+
+
+class TrinityFeedForward(FeedForward):
+    """SwiGLU w2(silu(w1 x) * w3 x): the dense FFN of the first layers and the shared expert."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(silu_mul(self.w1(x), self.w3(x)))
+
+    def init_weights(self, init_std: float) -> None:
+        for linear in (self.w1, self.w2, self.w3):
+            trunc_normal_3sigma_(linear.weight, init_std)
+
+
+class TrinityRouter(TokenChoiceTopKRouter):
+    """Sigmoid scores in fp32; top-k on scores + bias; gates = normalised top-k scores * route_scale.
+
+    The bias only steers the choice; the gates come from the unbiased scores.
+    """
+
+    def forward(
+        self, x: torch.Tensor, expert_bias: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [T, dim] -> (gates [T, k], selected [T, k], tokens per expert [E] int64, scores [T, E])."""
+        scores = torch.sigmoid(self.gate(x).to(torch.float32))
+        choice = scores if expert_bias is None else scores + expert_bias
+        _, selected = torch.topk(choice, k=self.top_k, dim=-1)
+        top = scores.gather(dim=1, index=selected)
+        gates = top / (top.sum(dim=-1, keepdim=True) + 1e-20) * self.route_scale
+        return gates, selected, count_tokens(selected, self.num_experts), scores
+
+    def init_weights(self, init_std: float) -> None:
+        trunc_normal_3sigma_(self.gate.weight, init_std)
+
+
+class TrinityReorderer(TokenReorderer):
+    """Sorts (token, slot) pairs by expert; same contract as TorchTitan's, CPU-safe counting."""
+
+    def forward(
+        self, top_scores: torch.Tensor, selected_experts_indices: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        num_tokens_per_expert = count_tokens(selected_experts_indices, self.num_experts)
+        token_indices_experts_sorted = torch.argsort(selected_experts_indices.view(-1), stable=True)
+        top_scores_experts_sorted = top_scores.view(-1)[token_indices_experts_sorted]
+        return top_scores_experts_sorted, token_indices_experts_sorted, num_tokens_per_expert
+
+
+class TrinityExperts(GroupedExperts):
+    """Routed experts as 3-D weights: w1 (gate) [E, I, d], w2 (down) [E, d, I], w3 (up) [E, I, d]."""
+
+    def init_weights(self, init_std: float) -> None:
+        for w in (self.w1, self.w2, self.w3):
+            trunc_normal_3sigma_(w, init_std)
+
+
+class TrinityMoE(MoE):
+    """y = shared(x) + sum_k gate_k * expert_k(x), routed by `TrinityRouter`.
+
+    `expert_bias` (fp32 buffer, not trained by gradients) is updated after each optimizer step
+    from `tokens_per_expert` (see trinity_titan.balancing).
+    """
+
+    def __init__(self, args: TrinityModelArgs) -> None:
+        # MoE.__init__ would build TorchTitan's default router and experts only for us to replace
+        # them, so initialise the Module directly and set every attribute TorchTitan's code reads.
+        nn.Module.__init__(self)
+        num_experts = args.num_experts
+        self.router = TrinityRouter(
+            dim=args.dim,
+            num_experts=num_experts,
+            num_expert_groups=None,
+            num_limited_groups=None,
+            top_k=args.top_k,
+            score_func="sigmoid",
+            route_norm=True,
+            route_scale=args.route_scale,
+            gate_bias=False,
+        )
+        self.reorderer = TrinityReorderer(num_experts=num_experts, top_k=args.top_k)
+        self.experts = TrinityExperts(
+            dim=args.dim,
+            hidden_dim=args.moe_hidden_dim,
+            num_experts=num_experts,
+            use_grouped_mm=args.use_grouped_mm,
+        )
+        self.shared_experts = TrinityFeedForward(
+            args.dim, args.moe_hidden_dim * args.num_shared_experts
+        )
+        self.score_before_experts = False
+        # TorchTitan's own bias-update hook keys on this; Trinity registers its own (balancing.py).
+        self.load_balance_coeff = None
+        self.balance_method = args.balance_method
+        self.balance_gamma = args.balance_gamma
+        self.register_buffer(
+            "expert_bias", torch.zeros(num_experts, dtype=torch.float32), persistent=True
+        )
+        self.register_buffer(
+            "tokens_per_expert", torch.zeros(num_experts, dtype=torch.float32), persistent=False
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bs, slen, dim = x.shape
+        top_k = self.router.top_k
+        x = x.view(-1, dim)
+        gates, selected, counts, _scores = self.router(x, self.expert_bias)
+        with torch.no_grad():
+            self.tokens_per_expert.add_(counts.to(self.tokens_per_expert.dtype))
+
+        gates_sorted, token_indices_sorted, num_tokens_per_expert = self.reorderer(gates, selected)
+        routed_output = self.experts(x[token_indices_sorted // top_k], num_tokens_per_expert)
+        # The shared expert runs while the routed tokens are in flight under expert parallelism.
+        shared = self.shared_experts(x)
+
+        unsorted = routed_output.new_zeros((bs * slen * top_k, dim))
+        unsorted[token_indices_sorted] = routed_output
+        routed = torch.bmm(gates.view(-1, 1, top_k), unsorted.view(-1, top_k, dim).float()).squeeze(
+            1
+        )
+        return (shared + routed.to(x.dtype)).view(bs, slen, dim)
+
+    def init_weights(self, init_std: float, buffer_device: torch.device | None = None) -> None:
+        self.router.init_weights(init_std)
+        self.experts.init_weights(init_std)
+        self.shared_experts.init_weights(init_std)
+        device = buffer_device if buffer_device is not None else self.expert_bias.device
+        with torch.device(device):
+            self.expert_bias = torch.zeros(self.experts.num_experts, dtype=torch.float32)
+            self.tokens_per_expert = torch.zeros(self.experts.num_experts, dtype=torch.float32)
