@@ -1,0 +1,18 @@
+"""trinity-titan: train Arcee Trinity (HF afmoe) models with TorchTitan.
+
+`import trinity_titan` (TorchTitan does it for `[experimental] custom_import = "trinity_titan"`)
+registers the `trinity` TrainSpec and its datasets, and lets TorchTitan run on CPU-only machines.
+"""
+
+from torchtitan.protocols.train_spec import _extra_train_specs, register_train_spec
+
+from trinity_titan.datasets import register_datasets
+from trinity_titan.device import enable_cpu_training
+from trinity_titan.train_spec import TRAIN_SPEC_NAME, get_train_spec
+
+__version__ = "0.1.0"
+
+enable_cpu_training()
+register_datasets()
+if TRAIN_SPEC_NAME not in _extra_train_specs:
+    register_train_spec(TRAIN_SPEC_NAME, get_train_spec())
