@@ -105,3 +105,15 @@ def test_adapter_rejects_incomplete_experts(tmp_path):
     adapter = TrinityStateDictAdapter(TrinityModelArgs.from_hf_config(cfg), None)
     with pytest.raises(ValueError, match="incomplete routed experts"):
         adapter.from_hf(hf_sd)
+
+
+def test_train_spec_exposes_the_adapter(tmp_path):
+    from torchtitan.protocols.train_spec import get_train_spec
+
+    import trinity_titan  # noqa: F401  (registers the spec)
+
+    _, hf_sd, cfg = _random_hf_model(tmp_path)
+    spec = get_train_spec("trinity")
+    adapter = spec.state_dict_adapter(TrinityModelArgs.from_hf_config(cfg), str(tmp_path))
+    titan = adapter.from_hf(hf_sd)
+    assert set(adapter.to_hf(titan)) == set(hf_sd)
