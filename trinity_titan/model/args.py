@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from torch import nn
@@ -52,8 +52,8 @@ class TrinityModelArgs(BaseModelArgs):
     num_shared_experts: int = 1
     moe_hidden_dim: int = 256
     route_scale: float = 2.826
-    use_grouped_mm: bool = True
-    """torch._grouped_mm for routed experts (SM90+); a per-expert loop elsewhere."""
+    use_grouped_mm: bool = field(default_factory=lambda: has_cuda_capability(9, 0))
+    """torch._grouped_mm (bf16) for routed experts; needs SM90+. Elsewhere an exact per-expert loop."""
 
     # Expert-bias balancing defaults of the flavor (the [moe] TOML section overrides them).
     balance_method: BalanceMethod = "aux_free"
