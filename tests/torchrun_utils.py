@@ -20,8 +20,9 @@ def run_train(
     config: Path = DEBUG_TOML,
     timeout: int = 600,
     check: bool = True,
+    module: str = "torchtitan.train",
 ) -> tuple[dict[int, float], str]:
-    """Run training; return ({step: global avg loss}, full log)."""
+    """Run training with `-m module`; return ({step: global avg loss}, full log)."""
     cmd = [
         sys.executable,
         "-m",
@@ -29,7 +30,7 @@ def run_train(
         f"--nproc_per_node={nproc}",
         "--standalone",
         "-m",
-        "torchtitan.train",
+        module,
         "--job.config_file",
         str(config),
         "--job.dump_folder",
