@@ -40,6 +40,22 @@ class MoE:
 
 
 @dataclass
+class NanGuard:
+    """What `python -m trinity_titan.train` does when a loss or the gradient is NaN or inf."""
+
+    action: Literal["checkpoint_and_stop", "skip", "off"] = "checkpoint_and_stop"
+    """'checkpoint_and_stop': skip the update, save a checkpoint, exit with an error.
+    'skip': skip the update and go on (stop after `max_consecutive_skips` bad steps in a row)."""
+
+    max_consecutive_skips: int = 10
+    """With action = 'skip': this many bad steps in a row means the run is broken; stop."""
+
+    inject_nan_at_step: int = 0
+    """Testing aid: make rank 0's loss NaN at this step (0 = never)."""
+
+
+@dataclass
 class JobConfig:
     model: Model = field(default_factory=Model)
     moe: MoE = field(default_factory=MoE)
+    nan_guard: NanGuard = field(default_factory=NanGuard)

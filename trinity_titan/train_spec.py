@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from torchtitan.components.lr_scheduler import build_lr_schedulers
-from torchtitan.components.tokenizer import build_hf_tokenizer
 from torchtitan.components.validate import build_validator
 from torchtitan.protocols.train_spec import TrainSpec
 
@@ -13,6 +12,7 @@ from trinity_titan.model import TrinityModel, trinity_flavors
 from trinity_titan.model.state_dict_adapter import TrinityStateDictAdapter
 from trinity_titan.optimizer import build_trinity_optimizers
 from trinity_titan.parallelize import parallelize_trinity
+from trinity_titan.tokenizer import build_trinity_tokenizer
 
 TRAIN_SPEC_NAME = "trinity"
 
@@ -26,7 +26,7 @@ def get_train_spec() -> TrainSpec:
         build_optimizers_fn=build_trinity_optimizers,
         build_lr_schedulers_fn=build_lr_schedulers,
         build_dataloader_fn=build_trinity_dataloader,
-        build_tokenizer_fn=build_hf_tokenizer,
+        build_tokenizer_fn=build_trinity_tokenizer,
         build_loss_fn=build_trinity_loss,
         build_validator_fn=build_validator,
         state_dict_adapter=TrinityStateDictAdapter,

@@ -1,0 +1,76 @@
+"""Checks of a job config that fail in seconds, before any weights are built or data is read.
+
+TorchTitan calls the TrainSpec's tokenizer builder right after setting up the process groups and
+before the dataloader and the model, so that is where these run (see `build_trinity_tokenizer`).
+Every error names the option to change and how.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from torchtitan.components.tokenizer import BaseTokenizer
+from torchtitan.config import JobConfig
+from torchtitan.hf_datasets.text_datasets import DATASETS
+
+from trinity_titan.model.args import TrinityModelArgs
+
+
+class ConfigError(ValueError):
+    """A job config that cannot run. The message names the option and the fix."""
+
+
+def check_flavor(job_config: JobConfig, flavors: dict[str, TrinityModelArgs]) -> TrinityModelArgs:
+    flavor = job_config.model.flavor
+    if flavor not in flavors:
+        raise ConfigError(
+            f"[model] flavor = {flavor!r} is not a Trinity flavor. "
+            f"Fix: set --model.flavor to one of {', '.join(sorted(flavors))}."
+        )
+    return flavors[flavor]
+
+
+def _looks_local(path: str) -> bool:
+    """Hub dataset names ('org/name') are not local paths; './x', '/x', '~/x' are."""
+    return path.startswith(("/", "./", "../", "~")) or path.startswith(os.sep)
+
+
+def check_paths(job_config: JobConfig) -> None:
+    assets = job_config.model.hf_assets_path
+    if not assets or not Path(assets).expanduser().is_dir():
+        raise ConfigError(
+            f"[model] hf_assets_path = {assets!r} is not a directory. Fix: point "
+            "--model.hf_assets_path at a folder holding tokenizer.json (and config.json)."
+        )
+    if not any((Path(assets) / f).is_file() for f in ("tokenizer.json", "vocab.json", "vocab.txt")):
+        raise ConfigError(
+            f"[model] hf_assets_path = {assets!r} holds no tokenizer.json. Fix: download the "
+            "tokenizer into it, or point --model.hf_assets_path at the folder that has it."
+        )
+    training = job_config.training
+    if training.dataset not in DATASETS:
+        raise ConfigError(
+            f"[training] dataset = {training.dataset!r} is not registered. Fix: set "
+            f"--training.dataset to one of {', '.join(sorted(DATASETS))}."
+        )
+    path = training.dataset_path
+    if path and _looks_local(path) and not Path(path).expanduser().exists():
+        raise ConfigError(
+            f"[training] dataset_path = {path!r} does not exist. Fix: correct "
+            "--training.dataset_path, or leave it empty to use the dataset's default location."
+        )
+
+
+def check_vocab(
+    tokenizer: BaseTokenizer, model_args: TrinityModelArgs, job_config: JobConfig
+) -> None:
+    """Token ids at or above the model's vocab would index past the embedding table."""
+    n = tokenizer.get_vocab_size()
+    if n > model_args.vocab_size:
+        raise ConfigError(
+            f"the tokenizer in [model] hf_assets_path = {job_config.model.hf_assets_path!r} has "
+            f"{n} tokens, more than the {model_args.vocab_size} of flavor "
+            f"{job_config.model.flavor!r}. Fix: use the flavor's tokenizer, or a flavor whose "
+            "vocab_size covers it."
+        )
