@@ -40,6 +40,27 @@ class MoE:
 
 
 @dataclass
+class Loss:
+    """Terms added to the cross-entropy."""
+
+    z_loss_coeff: float = 1e-6
+    """coef of the z-loss coef * mean_t logsumexp(logits_t)^2 (report: 1e-6; larger destabilised)."""
+
+
+@dataclass
+class Health:
+    """Early-warning thresholds: crossing one logs a WARNING with the step, the layer and the value."""
+
+    max_logit_warn: float | None = None
+    """Warn when the LM head's max logit exceeds this (None: off)."""
+
+    maxvio_warn: float | None = None
+    """Warn when an MoE layer's MaxVio = max_i (n_i - nbar) / nbar exceeds this (None: off)."""
+
+
+@dataclass
 class JobConfig:
     model: Model = field(default_factory=Model)
     moe: MoE = field(default_factory=MoE)
+    loss: Loss = field(default_factory=Loss)
+    health: Health = field(default_factory=Health)
