@@ -138,7 +138,7 @@ def build_trinity_metrics_processor(
 ) -> TrinityMetricsProcessor:
     """The metrics processor of the Trinity TrainSpec; wandb runs offline without an API key."""
     if job_config.metrics.enable_wandb and not os.environ.get("WANDB_API_KEY"):
-        if "WANDB_MODE" not in os.environ:
+        if not os.environ.get("WANDB_MODE"):
             logger.info("WANDB_API_KEY is not set: wandb runs in offline mode")
             os.environ["WANDB_MODE"] = "offline"
     return TrinityMetricsProcessor(job_config, parallel_dims, tag)
