@@ -32,8 +32,13 @@ class MoE:
     """Step size of the aux-loss-free sign update (report: 1e-3)."""
 
     smebu_lambda: float | None = None
+    """SMEBU step size lambda (report: 5e-4)."""
+
     smebu_beta: float | None = None
+    """SMEBU momentum beta (report: 0.5)."""
+
     smebu_kappa: float | None = None
+    """SMEBU tanh sharpness kappa (report: 2)."""
 
     balance_loss_coeff: float | None = None
     """alpha of the sequence-wise balance loss (report: 1e-4 for large, 0 elsewhere)."""

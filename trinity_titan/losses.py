@@ -71,11 +71,14 @@ class LossStats:
         self.microbatches: list[LossTerms] = []
 
     def record(self, terms: LossTerms, vocab_size: int) -> None:
+        """Keep a detached copy of one micro-batch's terms; vocab_size 0 means unknown."""
         if self._seen % self.microbatches_per_step == 0:
             self.microbatches = []
         self._seen += 1
         self.vocab_size = vocab_size
-        self.microbatches.append(terms._replace(loss_sum=terms.loss_sum.detach()))
+        self.microbatches.append(
+            LossTerms(*(getattr(terms, name).detach() for name in LossTerms._fields))
+        )
 
 
 class TrinityLoss:

@@ -72,14 +72,16 @@ class TrinityMetricsProcessor(MetricsProcessor):
         n = max(n, 1.0)
         cfg = getattr(self.job_config, "loss", None)
         z_coeff = 0.0 if cfg is None else cfg.z_loss_coeff
-        return {
+        out = {
             "loss/ce": ce / n,
             "loss/z_loss": z_coeff * z / n,
             "loss/batch_het": (mb_ce.max() - mb_ce.mean()).item(),
             "logits/max": logit_max.item(),
-            "logits/mean": logit_sum / (n * max(stats.vocab_size, 1)),
             "logits/lse_sq_mean": z / n,
         }
+        if stats.vocab_size:  # unknown when the loss came precomputed without it
+            out["logits/mean"] = logit_sum / (n * stats.vocab_size)
+        return out
 
     def moe_metrics(self) -> dict[str, float]:
         layers = [
