@@ -24,6 +24,9 @@ from torchtitan.tools.logging import logger
 from trinity_titan import losses
 from trinity_titan.balancing import max_violation, moe_layers
 
+_STDOUT = ("loss/ce", "loss/z_loss", "loss/balance", "logits/max", "moe/maxvio_worst")
+"""The health metrics also printed on the console, after TorchTitan's step line."""
+
 
 class TrinityMetricsProcessor(MetricsProcessor):
     """TorchTitan's MetricsProcessor plus Trinity's loss, logit and router statistics."""
@@ -44,6 +47,9 @@ class TrinityMetricsProcessor(MetricsProcessor):
         metrics.update(self.moe_metrics())
         self.check_health(step, metrics)
         super().log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=metrics)
+        shown = [(k, metrics[k]) for k in _STDOUT if k in metrics]
+        if shown:
+            logger.info(f"health {step:2}  " + "  ".join(f"{k}: {v:.4g}" for k, v in shown))
 
     def _loss_mesh(self):
         return self.parallel_dims.get_optional_mesh("loss")
