@@ -29,15 +29,16 @@ from trinity_titan.model import TrinityModel, TrinityModelArgs, trinity_flavors
 from trinity_titan.model.state_dict_adapter import TrinityStateDictAdapter
 
 INDEX_FILE = "model.safetensors.index.json"
+_FP32_BUFFERS = ("expert_bias", "expert_bias_momentum")
 
 
 def empty_state_dict(args: TrinityModelArgs, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Host tensors with the shapes of the model's persistent state (nothing initialised)."""
     with torch.device("meta"):
         model = TrinityModel(args)
-    # The expert bias stays fp32 whatever the weights' dtype (it accumulates tiny updates).
+    # The expert bias (and SMEBU's momentum) stays fp32 whatever the weights' dtype (it accumulates tiny updates).
     return {
-        k: torch.empty(v.shape, dtype=torch.float32 if k.endswith("expert_bias") else dtype)
+        k: torch.empty(v.shape, dtype=torch.float32 if k.endswith(_FP32_BUFFERS) else dtype)
         for k, v in model.state_dict().items()
     }
 

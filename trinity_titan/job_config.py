@@ -32,8 +32,13 @@ class MoE:
     """Step size of the aux-loss-free sign update (report: 1e-3)."""
 
     smebu_lambda: float | None = None
+    """SMEBU step size lambda (report: 5e-4)."""
+
     smebu_beta: float | None = None
+    """SMEBU momentum beta (report: 0.5)."""
+
     smebu_kappa: float | None = None
+    """SMEBU tanh sharpness kappa (report: 2)."""
 
     balance_loss_coeff: float | None = None
     """alpha of the sequence-wise balance loss (report: 1e-4 for large, 0 elsewhere)."""
@@ -55,7 +60,28 @@ class NanGuard:
 
 
 @dataclass
+class Loss:
+    """Terms added to the cross-entropy."""
+
+    z_loss_coeff: float = 1e-6
+    """coef of the z-loss coef * mean_t logsumexp(logits_t)^2 (report: 1e-6; larger destabilised)."""
+
+
+@dataclass
+class Health:
+    """Early-warning thresholds: crossing one logs a WARNING with the step, the layer and the value."""
+
+    max_logit_warn: float | None = None
+    """Warn when the LM head's max logit exceeds this (None: off)."""
+
+    maxvio_warn: float | None = None
+    """Warn when an MoE layer's MaxVio = max_i (n_i - nbar) / nbar exceeds this (None: off)."""
+
+
+@dataclass
 class JobConfig:
     model: Model = field(default_factory=Model)
     moe: MoE = field(default_factory=MoE)
     nan_guard: NanGuard = field(default_factory=NanGuard)
+    loss: Loss = field(default_factory=Loss)
+    health: Health = field(default_factory=Health)

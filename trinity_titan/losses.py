@@ -1,10 +1,134 @@
-"""Training losses. Called by TorchTitan's trainer as loss_fn(pred, labels) with sum reduction."""
+"""Training loss: cross-entropy + z-loss, with per-micro-batch statistics for the metrics.
+
+TorchTitan's trainer calls `loss_fn(pred, labels)` once per micro-batch and expects a SUM over valid
+tokens (it divides by the global count of valid tokens). `pred` is either the logits or an already
+computed `LossTerms` (a fused linear cross-entropy produces one). The z-loss is
+coef * mean_t logsumexp(logits_t)^2; with coef = 0 the loss is exactly TorchTitan's cross-entropy.
+"""
 
 from __future__ import annotations
 
-from torchtitan.components.loss import build_cross_entropy_loss
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torchtitan.components.loss import IGNORE_INDEX
 from torchtitan.config import JobConfig
+from torchtitan.distributed import ParallelDims
+from torchtitan.tools.logging import logger
 
 
-def build_trinity_loss(job_config: JobConfig, **kwargs):
-    return build_cross_entropy_loss(job_config, **kwargs)
+class LossTerms(NamedTuple):
+    loss_sum: torch.Tensor
+    """Differentiable: sum over valid tokens of ce_t + z_coeff * lse_t**2."""
+    ce_sum: torch.Tensor
+    """Detached fp32: sum of ce_t over valid tokens."""
+    z_sum: torch.Tensor
+    """Detached fp32: sum of lse_t**2 over valid tokens (coefficient not applied)."""
+    logit_max: torch.Tensor
+    """Detached fp32: max logit over the valid tokens' rows."""
+    logit_sum: torch.Tensor
+    """Detached fp32: sum of all logits of the valid tokens' rows."""
+    num_valid: torch.Tensor
+    """int64: number of tokens with label != ignore_index."""
+
+
+def loss_terms_from_logits(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    z_loss_coeff: float,
+    ignore_index: int = IGNORE_INDEX,
+) -> LossTerms:
+    """Cross-entropy (sum) + z_loss_coeff * sum lse^2 from logits [..., V] and labels [...]."""
+    logits = logits.flatten(0, -2).float()
+    labels = labels.flatten()
+    ce_sum = F.cross_entropy(logits, labels, reduction="sum", ignore_index=ignore_index)
+    valid = labels != ignore_index
+    lse = torch.logsumexp(logits, dim=-1)
+    z_sum = torch.where(valid, lse.square(), 0.0).sum()
+    loss_sum = ce_sum + z_loss_coeff * z_sum if z_loss_coeff else ce_sum
+    with torch.no_grad():
+        row_max = logits.amax(dim=-1)
+        logit_max = torch.where(valid, row_max, float("-inf")).max()
+        logit_sum = torch.where(valid, logits.sum(dim=-1), 0.0).sum()
+    return LossTerms(
+        loss_sum=loss_sum,
+        ce_sum=ce_sum.detach(),
+        z_sum=z_sum.detach(),
+        logit_max=logit_max,
+        logit_sum=logit_sum,
+        num_valid=valid.sum(),
+    )
+
+
+class LossStats:
+    """Detached statistics of the micro-batches of the last training step on this rank."""
+
+    def __init__(self, microbatches_per_step: int = 1) -> None:
+        self.microbatches_per_step = max(1, microbatches_per_step)
+        self.vocab_size = 0
+        self._seen = 0
+        self.microbatches: list[LossTerms] = []
+
+    def record(self, terms: LossTerms, vocab_size: int) -> None:
+        """Keep a detached copy of one micro-batch's terms; vocab_size 0 means unknown."""
+        if self._seen % self.microbatches_per_step == 0:
+            self.microbatches = []
+        self._seen += 1
+        self.vocab_size = vocab_size
+        self.microbatches.append(
+            LossTerms(*(getattr(terms, name).detach() for name in LossTerms._fields))
+        )
+
+
+class TrinityLoss:
+    """loss_fn(pred, labels) -> summed CE + z-loss; records the step's statistics in `stats`."""
+
+    def __init__(self, z_loss_coeff: float, stats: LossStats, compile_backend: str | None = None):
+        self.z_loss_coeff = z_loss_coeff
+        self.stats = stats
+        self.last_terms: dict[str, torch.Tensor] = {}
+        """The last micro-batch's detached terms, by name (the NaN guard reports which went bad)."""
+        self._terms = loss_terms_from_logits
+        if compile_backend is not None:
+            logger.info("Compiling the loss function with torch.compile")
+            self._terms = torch.compile(loss_terms_from_logits, backend=compile_backend)
+
+    def __call__(self, pred: Any, labels: torch.Tensor) -> torch.Tensor:
+        if hasattr(pred, "loss_sum"):
+            terms, vocab = pred, getattr(pred, "vocab_size", 0)
+        else:
+            terms, vocab = self._terms(pred, labels, self.z_loss_coeff), pred.shape[-1]
+        if torch.is_grad_enabled():  # training, not validation
+            self.stats.record(terms, vocab)
+        self.last_terms = {"ce": terms.ce_sum, "z_loss": terms.z_sum}
+        return terms.loss_sum
+
+
+active_loss_stats: LossStats | None = None
+"""Statistics of the loss built last in this process (read by trinity_titan.metrics)."""
+
+
+def microbatches_per_step(job_config: JobConfig, parallel_dims: ParallelDims | None) -> int:
+    """Gradient-accumulation steps, computed as TorchTitan's trainer does."""
+    batch_degree = (
+        1 if parallel_dims is None else parallel_dims.dp_replicate * parallel_dims.dp_shard
+    )
+    local = job_config.training.local_batch_size
+    global_batch = job_config.training.global_batch_size
+    if global_batch < 0:
+        global_batch = local * batch_degree
+    return max(1, global_batch // (local * batch_degree))
+
+
+def build_trinity_loss(
+    job_config: JobConfig, parallel_dims: ParallelDims | None = None, **kwargs
+) -> TrinityLoss:
+    global active_loss_stats
+    loss_cfg = getattr(job_config, "loss", None)
+    z_coeff = 1e-6 if loss_cfg is None else loss_cfg.z_loss_coeff
+    active_loss_stats = LossStats(microbatches_per_step(job_config, parallel_dims))
+    compile_loss = job_config.compile.enable and "loss" in job_config.compile.components
+    return TrinityLoss(
+        z_coeff, active_loss_stats, job_config.compile.backend if compile_loss else None
+    )

@@ -17,6 +17,8 @@ from torchtitan.models.llama4.infra.parallelize import (
 )
 from torchtitan.tools.logging import logger
 
+from trinity_titan.balance_loss import set_balance_loss_weight
+
 
 def parallelize_trinity(
     model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig
@@ -33,6 +35,7 @@ def parallelize_trinity(
             f"{parallel_dims.seq_len_divisor} (TP degree x 2 x CP degree)"
         )
 
+    set_balance_loss_weight(model, job_config, parallel_dims)
     if parallel_dims.ep_enabled:
         apply_moe_ep_tp(
             model,

@@ -8,6 +8,7 @@ from torchtitan.protocols.train_spec import TrainSpec
 
 from trinity_titan.dataloader import build_trinity_dataloader
 from trinity_titan.losses import build_trinity_loss
+from trinity_titan.metrics import build_trinity_metrics_processor
 from trinity_titan.model import TrinityModel, trinity_flavors
 from trinity_titan.model.state_dict_adapter import TrinityStateDictAdapter
 from trinity_titan.optimizer import build_trinity_optimizers
@@ -28,6 +29,7 @@ def get_train_spec() -> TrainSpec:
         build_dataloader_fn=build_trinity_dataloader,
         build_tokenizer_fn=build_trinity_tokenizer,
         build_loss_fn=build_trinity_loss,
+        build_metrics_processor_fn=build_trinity_metrics_processor,
         build_validator_fn=build_validator,
         state_dict_adapter=TrinityStateDictAdapter,
     )

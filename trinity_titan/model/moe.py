@@ -17,6 +17,7 @@ from torchtitan.models.moe.moe import (
     TokenReorderer,
 )
 
+from trinity_titan.balance_loss import add_aux_loss, sequence_balance_loss
 from trinity_titan.kernels import silu_mul
 from trinity_titan.model.args import TrinityModelArgs
 from trinity_titan.model.init import trunc_normal_3sigma_
@@ -82,11 +83,26 @@ class TrinityExperts(GroupedExperts):
             trunc_normal_3sigma_(w, init_std)
 
 
+@torch.compiler.disable
+def in_first_forward() -> bool:
+    """True in a training forward, False under no_grad and in an activation-checkpoint recompute.
+
+    A recompute runs inside the autograd engine (backward), which is what the graph task id tells.
+    Statistics recorded in the forward use this so that each token is counted exactly once.
+    """
+    return torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1
+
+
 class TrinityMoE(MoE):
     """y = shared(x) + sum_k gate_k * expert_k(x), routed by `TrinityRouter`.
 
-    `expert_bias` (fp32 buffer, not trained by gradients) is updated after each optimizer step
-    from `tokens_per_expert` (see trinity_titan.balancing).
+    `expert_bias` (fp32 buffer, not trained by gradients) is updated before each optimizer step
+    from `tokens_per_expert` (see trinity_titan.balancing); SMEBU keeps its momentum in
+    `expert_bias_momentum` so that it is checkpointed with the model.
+    With `balance_loss_coeff` > 0 the sequence-wise balance loss is added to the training loss
+    through the backward of the output (trinity_titan.balance_loss); `balance_loss_seq_weight`
+    is the weight of one sequence (1 / sequences in the global batch, set by the parallelizer;
+    None means the mean over this forward's sequences).
     """
 
     def __init__(self, args: TrinityModelArgs) -> None:
@@ -120,20 +136,34 @@ class TrinityMoE(MoE):
         self.load_balance_coeff = None
         self.balance_method = args.balance_method
         self.balance_gamma = args.balance_gamma
+        self.smebu_lambda = args.smebu_lambda
+        self.smebu_beta = args.smebu_beta
+        self.smebu_kappa = args.smebu_kappa
+        self.balance_loss_coeff = args.balance_loss_coeff
+        self.balance_loss_seq_weight: float | None = None
         self.register_buffer(
             "expert_bias", torch.zeros(num_experts, dtype=torch.float32), persistent=True
         )
         self.register_buffer(
+            "expert_bias_momentum", torch.zeros(num_experts, dtype=torch.float32), persistent=True
+        )
+        self.register_buffer(
             "tokens_per_expert", torch.zeros(num_experts, dtype=torch.float32), persistent=False
+        )
+        # Sum of the (weighted) balance-loss values of the step's forwards, for logging.
+        self.register_buffer(
+            "balance_loss_sum", torch.zeros((), dtype=torch.float32), persistent=False
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bs, slen, dim = x.shape
         top_k = self.router.top_k
         x = x.view(-1, dim)
-        gates, selected, counts, _scores = self.router(x, self.expert_bias)
-        with torch.no_grad():
-            self.tokens_per_expert.add_(counts.to(self.tokens_per_expert.dtype))
+        gates, selected, counts, scores = self.router(x, self.expert_bias)
+        first_forward = in_first_forward()
+        if first_forward:
+            with torch.no_grad():
+                self.tokens_per_expert.add_(counts.to(self.tokens_per_expert.dtype))
 
         gates_sorted, token_indices_sorted, num_tokens_per_expert = self.reorderer(gates, selected)
         routed_output = self.experts(x[token_indices_sorted // top_k], num_tokens_per_expert)
@@ -145,7 +175,17 @@ class TrinityMoE(MoE):
         routed = torch.bmm(gates.view(-1, 1, top_k), unsorted.view(-1, top_k, dim).float()).squeeze(
             1
         )
-        return (shared + routed.to(x.dtype)).view(bs, slen, dim)
+        out = (shared + routed.to(x.dtype)).view(bs, slen, dim)
+        if self.balance_loss_coeff and torch.is_grad_enabled():
+            per_seq = sequence_balance_loss(
+                scores.view(bs, slen, -1), selected.view(bs, slen, top_k)
+            )
+            weight = self.balance_loss_seq_weight or 1.0 / bs
+            aux = self.balance_loss_coeff * weight * per_seq.sum()
+            if first_forward:
+                self.balance_loss_sum.add_(aux.detach())
+            out = add_aux_loss(out, aux)
+        return out
 
     def init_weights(self, init_std: float, buffer_device: torch.device | None = None) -> None:
         self.router.init_weights(init_std)
@@ -154,4 +194,6 @@ class TrinityMoE(MoE):
         device = buffer_device if buffer_device is not None else self.expert_bias.device
         with torch.device(device):
             self.expert_bias = torch.zeros(self.experts.num_experts, dtype=torch.float32)
+            self.expert_bias_momentum = torch.zeros(self.experts.num_experts, dtype=torch.float32)
             self.tokens_per_expert = torch.zeros(self.experts.num_experts, dtype=torch.float32)
+            self.balance_loss_sum = torch.zeros((), dtype=torch.float32)

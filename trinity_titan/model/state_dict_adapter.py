@@ -49,6 +49,9 @@ FROM_HF: dict[str, str] = {
 }
 TO_HF: dict[str, str] = {v: k for k, v in FROM_HF.items()}
 
+# Training state with no HF counterpart (SMEBU's momentum): dropped by to_hf, zero-filled by from_hf.
+_MOMENTUM = "moe.expert_bias_momentum"
+
 
 def _abstract(key: str, count: int) -> tuple[str, list[str]]:
     """Replace the first `count` integers in `key` with {} and return them."""
@@ -67,6 +70,8 @@ class TrinityStateDictAdapter(MoEStateDictAdapter):
         hf: dict[str, Any] = {}
         num_experts = self.model_args.num_experts
         for key, value in state_dict.items():
+            if key.endswith(_MOMENTUM):
+                continue
             if ".moe.experts." in key:
                 titan_abstract, (layer,) = _abstract(key, 1)
                 hf_abstract = TO_HF[_unknown_guard(titan_abstract, TO_HF)]  # {layer}, {expert}
@@ -112,6 +117,8 @@ class TrinityStateDictAdapter(MoEStateDictAdapter):
             elif key.startswith("model.layers."):
                 abstract, (layer,) = _abstract(key, 1)
                 state_dict[FROM_HF[_unknown_guard(abstract, FROM_HF)].format(layer)] = value
+                if key.endswith(".mlp.expert_bias"):
+                    state_dict.setdefault(f"layers.{layer}.{_MOMENTUM}", torch.zeros_like(value))
             else:
                 state_dict[FROM_HF[_unknown_guard(key, FROM_HF)]] = value
         missing = {k: len(v) for layer in experts_by_layer.values() for k, v in layer.items()}
