@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from torchtitan.components.lr_scheduler import build_lr_schedulers
+from torchtitan.config import ConfigManager
 
+import trinity_titan  # noqa: F401  (registers the train spec)
 from trinity_titan.model import TrinityModel
 from trinity_titan.muon import HybridMuon, newton_schulz
-from trinity_titan.optimizer import MuonOptimizersContainer
+from trinity_titan.optimizer import MuonOptimizersContainer, build_trinity_optimizers
 
 KJ = (3.4445, -4.7750, 2.0315)
 
@@ -224,3 +227,44 @@ def test_both_groups_follow_the_schedule(model, decay, min_factor):
 def test_rejects_tensors_muon_cannot_orthogonalise():
     with pytest.raises(ValueError, match="2-D or 3-D"):
         HybridMuon([{"params": [torch.nn.Parameter(torch.ones(3))], "use_muon": True}])
+
+
+@pytest.mark.parametrize(
+    "flavor, muon_lr, adamw_lr, decay, min_factor",
+    [
+        ("nano", 1e-3, 3e-4, "linear", 0.0),
+        ("mini", 1e-3, 2e-4, "linear", 0.0),
+        ("large", 8e-4, 2e-4, "cosine", 0.1),
+    ],
+)
+def test_flavor_configs_use_the_reports_muon_recipe(flavor, muon_lr, adamw_lr, decay, min_factor):
+    path = Path(__file__).resolve().parents[1] / "train_configs" / f"trinity_{flavor}.toml"
+    cfg = ConfigManager().parse_args(["--job.config_file", str(path)])
+    opt, sched = cfg.optimizer, cfg.lr_scheduler
+    assert (opt.name, opt.muon_lr, opt.lr) == ("Muon", muon_lr, adamw_lr)
+    assert (sched.warmup_steps, sched.decay_type, sched.min_lr_factor) == (2000, decay, min_factor)
+
+
+def test_debug_config_selects_muon_from_the_command_line(model):
+    path = Path(__file__).resolve().parents[1] / "train_configs" / "trinity_debug.toml"
+    args = ["--optimizer.name", "Muon", "--optimizer.ns_coefficients", "3", "-4", "2"]
+    cfg = ConfigManager().parse_args(["--job.config_file", str(path), *args])
+    assert list(cfg.optimizer.ns_coefficients) == [3.0, -4.0, 2.0]
+    container = build_trinity_optimizers([model], cfg.optimizer, SimpleNamespace())
+    assert isinstance(container, MuonOptimizersContainer)
+    assert container.optimizers[0].param_groups[0]["ns_coefficients"] == (3.0, -4.0, 2.0)
+    cfg = ConfigManager().parse_args(["--job.config_file", str(path)])
+    assert not isinstance(build_trinity_optimizers([model], cfg.optimizer, SimpleNamespace()),
+                          MuonOptimizersContainer)  # fmt: skip
+
+
+def test_expert_bias_update_still_runs_with_muon(model):
+    parallel_dims = SimpleNamespace(get_optional_mesh=lambda name: None)
+    optimizers = build_trinity_optimizers([model], config(), parallel_dims)
+    moes = [b.moe for b in model.layers.values() if b.moe_enabled]
+    for moe in moes:
+        moe.tokens_per_expert.copy_(torch.arange(moe.tokens_per_expert.numel()))
+    fake_grads(model, 1)
+    optimizers.step()
+    for moe in moes:
+        assert moe.expert_bias.abs().sum() > 0 and moe.tokens_per_expert.sum() == 0
