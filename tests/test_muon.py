@@ -14,7 +14,7 @@ from torchtitan.config import ConfigManager
 
 import trinity_titan  # noqa: F401  (registers the train spec)
 from trinity_titan.model import TrinityModel
-from trinity_titan.muon import HybridMuon, newton_schulz
+from trinity_titan.muon import HybridMuon, _assign_owners, _Matrix, chunk_sizes, newton_schulz
 from trinity_titan.optimizer import MuonOptimizersContainer, build_trinity_optimizers
 
 KJ = (3.4445, -4.7750, 2.0315)
@@ -268,3 +268,13 @@ def test_expert_bias_update_still_runs_with_muon(model):
     optimizers.step()
     for moe in moes:
         assert moe.expert_bias.abs().sum() > 0 and moe.tokens_per_expert.sum() == 0
+
+
+def test_owners_split_the_work():
+    """Greedy owners balance Newton-Schulz cost: no rank orthogonalises every matrix."""
+    matrices = [_Matrix(i, None, 0, (128, 128)) for i in range(6)]
+    matrices += [_Matrix(6 + i, None, 0, (64, 128)) for i in range(4)]
+    _assign_owners(matrices, 2)
+    owners = [m.owner for m in matrices]
+    assert owners.count(0) == owners.count(1) == 5, owners
+    assert chunk_sizes(7, 2) == [4, 3] and chunk_sizes(3, 4) == [1, 1, 1, 0]

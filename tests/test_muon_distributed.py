@@ -88,16 +88,6 @@ def test_layouts_match_full_matrix():
     mp.start_processes(_layouts_worker, args=(4, _free_port()), nprocs=4, start_method="spawn")
 
 
-def test_owners_split_the_work():
-    """Greedy owners balance Newton-Schulz cost: no rank orthogonalises every matrix."""
-    matrices = [muon._Matrix(i, None, 0, (128, 128)) for i in range(6)]
-    matrices += [muon._Matrix(6 + i, None, 0, (64, 128)) for i in range(4)]
-    muon._assign_owners(matrices, 2)
-    owners = [m.owner for m in matrices]
-    assert owners.count(0) == owners.count(1) == 5, owners
-    assert muon.chunk_sizes(7, 2) == [4, 3] and muon.chunk_sizes(3, 4) == [1, 1, 1, 0]
-
-
 # ---------------------------------------------------------------- torchrun, 1 vs 2 ranks
 
 
