@@ -79,9 +79,47 @@ class Health:
 
 
 @dataclass
+class Optimizer:
+    """Muon options, added to TorchTitan's `[optimizer]` (`name = "Muon"` selects Muon).
+
+    With Muon, `lr`, `betas`, `eps` and `weight_decay` are the AdamW group's (embedding, LM head,
+    and the 1-D parameters, which never get weight decay); the fields below are the Muon group's
+    (every other matrix: attention, dense and shared SwiGLU, routed experts, router).
+    """
+
+    muon_lr: float = 1e-3
+    """Peak learning rate of the Muon group (report: 1e-3 nano/mini, 8e-4 large)."""
+
+    muon_weight_decay: float | None = None
+    """Decoupled weight decay of the Muon group; None uses `weight_decay`."""
+
+    muon_momentum: float = 0.95
+    """Momentum of Muon's gradient average."""
+
+    muon_nesterov: bool = True
+    """Orthogonalise the Nesterov look-ahead (1 - mu) g + mu B instead of B."""
+
+    muon_adjust_lr: Literal["original", "match_rms_adamw"] = "original"
+    """'original': lr * sqrt(max(1, fan_out/fan_in)); 'match_rms_adamw': lr * 0.2 * sqrt(max(m, n))."""
+
+    ns_steps: int = 5
+    """Newton-Schulz iterations per step."""
+
+    ns_coefficients: list[float] = field(default_factory=lambda: [3.4445, -4.7750, 2.0315])
+    """(a, b, c) of the quintic Newton-Schulz step X <- a X + (b A + c A^2) X, A = X X^T."""
+
+    ns_eps: float = 1e-7
+    """Floor of the Frobenius norm the update is divided by before Newton-Schulz."""
+
+    ns_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Precision of the Newton-Schulz iteration ('bfloat16' is faster on GPUs)."""
+
+
+@dataclass
 class JobConfig:
     model: Model = field(default_factory=Model)
     moe: MoE = field(default_factory=MoE)
     nan_guard: NanGuard = field(default_factory=NanGuard)
     loss: Loss = field(default_factory=Loss)
     health: Health = field(default_factory=Health)
+    optimizer: Optimizer = field(default_factory=Optimizer)

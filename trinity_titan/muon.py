@@ -1,0 +1,377 @@
+"""Muon for the hidden matrices and AdamW for everything else, in one optimizer, on sharded weights.
+
+One `HybridMuon` holds both kinds of parameter group (`use_muon` True/False), so TorchTitan's
+`OptimizersContainer` (one optimizer per model part) checkpoints all of its state and
+`LRSchedulersContainer` scales every group's learning rate by the same schedule.
+
+Muon update of a matrix W with gradient G (torch.optim.Muon's conventions):
+    B <- mu B + (1 - mu) G;   U = (1 - mu) G + mu B if nesterov else B
+    O = NewtonSchulz(U)  (quintic, orthogonalises U;  experts [E, out, in] are a batch of E matrices)
+    W <- W (1 - lr wd) - lr_adj O,  lr_adj = lr sqrt(max(1, out/in))  ("original")
+                                    or lr 0.2 sqrt(max(out, in))      ("match_rms_adamw")
+
+Distributed (parameters are DTensors; every update equals single-device Muon on the full matrix):
+- Momentum, weight decay and AdamW are elementwise: each rank updates its local shard, no comm.
+- A matrix whose matrix dimensions are not split on any mesh dimension (for example routed
+  experts [E, out, in] split only on the expert dim by EP and by FSDP's Shard(0) on "efsdp") is
+  orthogonalised where it lies: no communication at all.
+- A matrix split along one of its matrix dimensions on one mesh dimension (FSDP/HSDP Shard(0) of
+  a 2-D weight; experts that FSDP shards on dim 1 when efsdp * ep > num_experts) is given an
+  owner rank in that shard group (greedy by Newton-Schulz cost, so the work is split across the
+  group). One all_to_all_single sends every shard to its matrix's owner, the owner stacks the
+  matrices of equal shape and runs Newton-Schulz on the batch, and a second all_to_all_single
+  sends the orthogonalised shards back. Per step and rank that is one all_to_all per direction
+  and shard group, carrying about the rank's local shard of the Muon matrices (the same bytes
+  as one FSDP all-gather plus one reduce-scatter of those weights, in their fp32 dtype).
+  Replicated mesh dimensions (HSDP's replicas) repeat the owner's work and need no comm.
+- Any other layout (a matrix split on two mesh dimensions, as FSDP + TP would give) falls back
+  to DTensor's full_tensor on every rank of the mesh: correct, but every rank does the work.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor.placement_types import _StridedShard
+
+DEFAULT_NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(
+    g: Tensor,
+    coefficients: Sequence[float] = DEFAULT_NS_COEFFICIENTS,
+    steps: int = 5,
+    eps: float = 1e-7,
+    dtype: torch.dtype | str = torch.float32,
+) -> Tensor:
+    """Orthogonalise each matrix of `g` ([..., m, n]) with the quintic Newton-Schulz iteration."""
+    a, b, c = coefficients
+    x = g.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    transpose = g.size(-2) > g.size(-1)
+    if transpose:
+        x = x.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * (gram @ gram)) @ x
+    if transpose:
+        x = x.mT
+    return x.to(g.dtype)
+
+
+def adjusted_lr(lr: float, mode: str, fan_out: int, fan_in: int) -> float:
+    """Muon's per-matrix learning rate: shape-scaled ('original') or RMS-matched to AdamW."""
+    if mode == "original":
+        return lr * math.sqrt(max(1.0, fan_out / fan_in))
+    if mode == "match_rms_adamw":
+        return lr * 0.2 * math.sqrt(max(fan_out, fan_in))
+    raise ValueError(f"unknown muon adjust_lr mode {mode!r}")
+
+
+class HybridMuon(torch.optim.Optimizer):
+    """Muon on groups with `use_muon=True` (2-D or [E, out, in] tensors), AdamW on the others."""
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        use_muon: bool = False,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_steps: int = 5,
+        ns_coefficients: Sequence[float] = DEFAULT_NS_COEFFICIENTS,
+        ns_eps: float = 1e-7,
+        ns_dtype: str = "float32",
+        adjust_lr: str = "original",
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+    ) -> None:
+        if len(ns_coefficients) != 3:
+            raise ValueError("ns_coefficients must be three numbers (a, b, c)")
+        defaults = dict(
+            lr=lr,
+            weight_decay=weight_decay,
+            use_muon=use_muon,
+            momentum=momentum,
+            nesterov=nesterov,
+            ns_steps=ns_steps,
+            ns_coefficients=tuple(ns_coefficients),
+            ns_eps=ns_eps,
+            ns_dtype=ns_dtype,
+            adjust_lr=adjust_lr,
+            betas=tuple(betas),
+            eps=eps,
+        )
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            if group["use_muon"]:
+                for p in group["params"]:
+                    if p.ndim not in (2, 3):
+                        raise ValueError(f"Muon needs 2-D or 3-D parameters, got {p.shape}")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        pending: list[_MuonUpdate] = []
+        for group in self.param_groups:
+            if group["use_muon"]:
+                pending.extend(self._momentum(group))
+            else:
+                self._adamw(group)
+        for work, orthogonalised in zip(pending, orthogonalise_all(pending), strict=True):
+            group = work.group
+            fan_out, fan_in = work.param.shape[-2:]
+            lr_adj = adjusted_lr(group["lr"], group["adjust_lr"], fan_out, fan_in)
+            local = _local(work.param)
+            local.mul_(1 - group["lr"] * group["weight_decay"])
+            local.add_(orthogonalised, alpha=-lr_adj)
+        return loss
+
+    def _momentum(self, group: dict) -> list[_MuonUpdate]:
+        mu = group["momentum"]
+        out = []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            grad = _local(p.grad)
+            buf = _local(state["momentum_buffer"])
+            buf.lerp_(grad, 1 - mu)
+            update = grad.lerp(buf, mu) if group["nesterov"] else buf
+            out.append(_MuonUpdate(p, group, update))
+        return out
+
+    def _adamw(self, group: dict) -> None:
+        """torch.optim.AdamW's single-tensor math (decoupled weight decay) on local shards."""
+        beta1, beta2 = group["betas"]
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] += 1
+            step = state["step"].item()
+            grad, param = _local(p.grad), _local(p)
+            exp_avg, exp_avg_sq = _local(state["exp_avg"]), _local(state["exp_avg_sq"])
+            param.mul_(1 - lr * wd)
+            exp_avg.lerp_(grad, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            step_size = lr / (1 - beta1**step)
+            denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+            param.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+@dataclass
+class _MuonUpdate:
+    param: Tensor
+    group: dict
+    update: Tensor  # local shard of the momentum update, the parameter's local shape
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+# ---------------------------------------------------------------------------------------------
+# Orthogonalisation of (possibly sharded) updates
+
+
+@dataclass(frozen=True)
+class _Split:
+    """How a DTensor update is laid out for Newton-Schulz."""
+
+    kind: str  # "local" | "owner" | "full"
+    mesh_dim: int = -1  # owner: mesh dimension whose group holds the pieces of each matrix
+    dim: int = -1  # owner: tensor dimension split across that group
+
+
+def layout(p: Tensor) -> _Split:
+    """Classify a parameter's sharding: local, one sharded matrix dim (owner), or other (full)."""
+    if not isinstance(p, DTensor):
+        return _Split("local")
+    split = None
+    for mesh_dim, placement in enumerate(p.placements):
+        if placement.is_replicate() or p.device_mesh.size(mesh_dim) == 1:
+            continue
+        sharded_dim = placement.dim if isinstance(placement, Shard | _StridedShard) else None
+        if sharded_dim == 0 and p.ndim == 3:
+            continue  # the expert (batch) dim: each rank holds whole matrices
+        if type(placement) is not Shard or split is not None:
+            return _Split("full")
+        split = _Split("owner", mesh_dim, placement.dim)
+    return split or _Split("local")
+
+
+def orthogonalise_all(work: list[_MuonUpdate]) -> list[Tensor]:
+    """Newton-Schulz of every update, each equal to running it on the full matrix."""
+    results: list[Tensor | None] = [None] * len(work)
+    local_idx: list[int] = []
+    by_group: dict[tuple, list[tuple[int, _Split]]] = defaultdict(list)
+    for i, w in enumerate(work):
+        split = layout(w.param)
+        if split.kind == "local":
+            local_idx.append(i)
+        elif split.kind == "owner":
+            group = w.param.device_mesh.get_group(split.mesh_dim)
+            by_group[(tuple(dist.get_process_group_ranks(group)), group)].append((i, split))
+        else:
+            results[i] = _orthogonalise_full(w)
+    for i, out in zip(local_idx, _ns_batched([work[i] for i in local_idx]), strict=True):
+        results[i] = out
+    for (_, group), members in by_group.items():
+        for i, out in zip(
+            [i for i, _ in members], _orthogonalise_owned(work, members, group), strict=True
+        ):
+            results[i] = out
+    return results  # type: ignore[return-value]
+
+
+def _ns_batched(work: list[_MuonUpdate], mats: list[Tensor] | None = None) -> list[Tensor]:
+    """Newton-Schulz on `mats` ([..., m, n] each), stacking equal shapes of a group into one batch."""
+    mats = [w.update for w in work] if mats is None else mats
+    out: list[Tensor | None] = [None] * len(mats)
+    buckets: dict[tuple, list[int]] = defaultdict(list)
+    for i, (w, m) in enumerate(zip(work, mats, strict=True)):
+        g = w.group
+        key = (tuple(m.shape[-2:]), m.dtype, g["ns_steps"], g["ns_coefficients"], g["ns_eps"])
+        buckets[key + (g["ns_dtype"],)].append(i)
+    for key, idx in buckets.items():
+        (_, _, steps, coeffs, eps, ns_dtype) = key
+        batch = torch.cat([mats[i].reshape(-1, *mats[i].shape[-2:]) for i in idx])
+        ortho = newton_schulz(batch, coeffs, steps, eps, ns_dtype)
+        offset = 0
+        for i in idx:
+            n = mats[i].numel() // (mats[i].shape[-2] * mats[i].shape[-1])
+            out[i] = ortho[offset : offset + n].reshape(mats[i].shape)
+            offset += n
+    return out  # type: ignore[return-value]
+
+
+def _orthogonalise_full(w: _MuonUpdate) -> Tensor:
+    p = w.param
+    full = DTensor.from_local(
+        w.update, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
+    ).full_tensor()
+    ortho = _ns_batched([w], [full])[0]
+    return distribute_tensor(ortho, p.device_mesh, p.placements, src_data_rank=None).to_local()
+
+
+def chunk_sizes(length: int, world: int) -> list[int]:
+    """Shard sizes of torch.chunk (what DTensor's and FSDP2's Shard use): ceil-sized, tail short."""
+    size = -(-length // world)
+    return [max(0, min(size, length - r * size)) for r in range(world)]
+
+
+@dataclass
+class _Matrix:
+    """One matrix of an owner-split update: work index, batch index (None for 2-D), split dim."""
+
+    index: int
+    batch: int | None
+    dim: int  # 0 or 1, the matrix dimension split across the group
+    shape: tuple[int, int]  # full matrix shape
+    owner: int = 0
+
+
+def _orthogonalise_owned(
+    work: list[_MuonUpdate], members: list[tuple[int, _Split]], group: dist.ProcessGroup
+) -> list[Tensor]:
+    """Gather each matrix to one owner rank of `group`, orthogonalise there, scatter back."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    matrices: list[_Matrix] = []
+    for i, split in members:
+        p = work[i].param
+        if p.ndim == 2:
+            matrices.append(_Matrix(i, None, split.dim, tuple(p.shape)))
+        else:
+            batch = work[i].update.shape[0]
+            matrices += [_Matrix(i, b, split.dim - 1, tuple(p.shape[1:])) for b in range(batch)]
+    _assign_owners(matrices, world)
+
+    def sizes(m: _Matrix) -> list[int]:
+        return chunk_sizes(m.shape[m.dim], world)
+
+    def piece(m: _Matrix) -> Tensor:
+        u = work[m.index].update
+        return u if m.batch is None else u[m.batch]
+
+    def numel(m: _Matrix, r: int) -> int:
+        return sizes(m)[r] * m.shape[1 - m.dim]
+
+    like = work[members[0][0]].update
+    mine = [m for m in matrices if m.owner == rank]
+
+    # 1. shards -> owners
+    send = [[piece(m).reshape(-1) for m in matrices if m.owner == r] for r in range(world)]
+    recv_sizes = [[numel(m, src) for m in mine] for src in range(world)]
+    received = _all_to_all(send, recv_sizes, like, group)
+
+    full_mats = []
+    for k, m in enumerate(mine):
+        parts = []
+        for src in range(world):
+            shape = list(m.shape)
+            shape[m.dim] = sizes(m)[src]
+            parts.append(received[src][k].view(shape))
+        full_mats.append(torch.cat(parts, dim=m.dim))
+    ortho = _ns_batched([work[m.index] for m in mine], full_mats)
+
+    # 2. orthogonalised shards -> their ranks
+    send = []
+    for dst in range(world):
+        row = []
+        for m, o in zip(mine, ortho, strict=True):
+            start = sum(sizes(m)[:dst])
+            row.append(o.narrow(m.dim, start, sizes(m)[dst]).reshape(-1))
+        send.append(row)
+    owners = [[m for m in matrices if m.owner == src] for src in range(world)]
+    recv_sizes = [[numel(m, rank) for m in owners[src]] for src in range(world)]
+    received = _all_to_all(send, recv_sizes, like, group)
+
+    results = {i: torch.empty_like(work[i].update) for i, _ in members}
+    for src in range(world):
+        for m, flat in zip(owners[src], received[src], strict=True):
+            target = results[m.index] if m.batch is None else results[m.index][m.batch]
+            target.copy_(flat.view(target.shape))
+    return [results[i] for i, _ in members]
+
+
+def _assign_owners(matrices: list[_Matrix], world: int) -> None:
+    """Greedy balance of Newton-Schulz cost (m n min(m, n)); identical on every rank."""
+    load = [0] * world
+    for m in sorted(matrices, key=lambda m: -m.shape[0] * m.shape[1] * min(m.shape)):
+        m.owner = min(range(world), key=lambda r: (load[r], r))
+        load[m.owner] += m.shape[0] * m.shape[1] * min(m.shape)
+
+
+def _all_to_all(
+    send: list[list[Tensor]],
+    recv_sizes: list[list[int]],
+    like: Tensor,
+    group: dist.ProcessGroup,
+) -> list[list[Tensor]]:
+    """all_to_all_single of per-destination lists of flat tensors; returns per-source lists."""
+    send_sizes = [sum(t.numel() for t in row) for row in send]
+    flat = [t for row in send for t in row]
+    inp = torch.cat(flat) if flat else like.new_empty(0)
+    out = like.new_empty(sum(map(sum, recv_sizes)))
+    dist.all_to_all_single(out, inp, list(map(sum, recv_sizes)), send_sizes, group=group)
+    rows = out.split(list(map(sum, recv_sizes)))
+    return [list(row.split(sizes)) for row, sizes in zip(rows, recv_sizes, strict=True)]
