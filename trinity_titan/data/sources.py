@@ -55,6 +55,8 @@ def _local_files(path: str) -> list[str]:
         files = sorted(
             os.path.join(path, f) for f in os.listdir(path) if os.path.splitext(f)[1] in _FORMATS
         )
+        if any(not f.endswith(".json") for f in files):  # save_to_disk dirs: .json is metadata
+            files = [f for f in files if not f.endswith(".json")]
     else:
         files = sorted(glob.glob(path))
     return files
