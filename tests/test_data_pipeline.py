@@ -68,6 +68,10 @@ def test_batch_ramp_at_the_report_threshold(monkeypatch):
     with pytest.raises(ValueError, match="multiple"):
         ramp.validate(local_batch_size=3, dp_degree=2048)
 
+    large = _job_config_from(REPO / "train_configs" / "trinity_large.toml")
+    ramp = BatchRamp.from_job_config(large, 2048)  # local batch 2 on 2048 ranks
+    assert [ramp.grad_accum_at(t, 2, 2048) for t in (0, 4_900_000_000_000)] == [3, 4]
+
     cfg = _job_config()
     cfg.data.batch_ramp = [{"tokens": 100, "global_batch_size": 8}]
     monkeypatch.setattr(ramp_module, "_TRAINER_APPLIES_RAMP", False)
@@ -79,8 +83,12 @@ def _tokenizer() -> HuggingFaceTokenizer:
     return HuggingFaceTokenizer(str(DEBUG_ASSETS))
 
 
+def _job_config_from(path, *overrides: str):
+    return ConfigManager().parse_args(["--job.config_file", str(path), *overrides])
+
+
 def _job_config(*overrides: str):
-    return ConfigManager().parse_args(["--job.config_file", str(DEBUG_TOML), *overrides])
+    return _job_config_from(DEBUG_TOML, *overrides)
 
 
 def _write_corpora(tmp_path) -> tuple[str, str, str]:
@@ -211,5 +219,7 @@ global_batch_size = 4
     shutil.copytree(tmp_path / "full" / "checkpoint" / "step-3", step3)
     resumed, log = run_train(tmp_path / "resumed", 1, *args, **run)
     assert "Training starts at step 4" in log
+    assert "Batch ramp at 1024 tokens (step 4): global batch 4 sequences" in log  # restored
+    assert "DataLoader state is empty" not in log
     assert sorted(resumed) == [4, 5, 6]
     assert all(resumed[s] == full[s] for s in resumed), (full, resumed)

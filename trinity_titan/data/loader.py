@@ -137,7 +137,9 @@ def build_data_dataloader(
     infinite: bool = True,
 ) -> ParallelAwareDataloader:
     """The TrainSpec's build_dataloader_fn: the [data] pipeline, or the debug loader without it."""
-    data, training = job_config.data, job_config.training
+    data, training = getattr(job_config, "data", None), job_config.training
+    if data is None:  # a TOML without `custom_config_module = "trinity_titan.job_config"`
+        return build_trinity_dataloader(dp_world_size, dp_rank, tokenizer, job_config, infinite)
     ramp = BatchRamp.from_job_config(job_config, dp_world_size)
     require_ramp_support(ramp)
     ramp.validate(training.local_batch_size, dp_world_size)

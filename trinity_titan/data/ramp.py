@@ -48,7 +48,8 @@ class BatchRamp:
         initial = training.global_batch_size
         if initial < 0:
             initial = training.local_batch_size * dp_degree
-        return cls(initial, list(job_config.data.batch_ramp))
+        data = getattr(job_config, "data", None)
+        return cls(initial, list(data.batch_ramp) if data is not None else [])
 
     def global_batch_at(self, tokens: int) -> int:
         size = self.initial
