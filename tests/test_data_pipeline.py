@@ -144,9 +144,12 @@ def _pipeline_config(tmp_path, mixing: str, workers: int):
     return cfg
 
 
-@pytest.mark.parametrize(("mixing", "workers"), [("rsdb", 2), ("sequential", 0)])
-def test_loader_resumes_with_identical_batches(tmp_path, mixing, workers):
+@pytest.mark.parametrize(
+    ("mixing", "workers", "snapshot_every"), [("rsdb", 2, 1), ("rsdb", 2, 8), ("sequential", 0, 64)]
+)
+def test_loader_resumes_with_identical_batches(tmp_path, mixing, workers, snapshot_every):
     cfg = _pipeline_config(tmp_path, mixing, workers)
+    cfg.data.snapshot_every_n_batches = snapshot_every  # 8: the last snapshot + fast-forward
     tok = _tokenizer()
 
     def batches(loader, n):
@@ -161,9 +164,17 @@ def test_loader_resumes_with_identical_batches(tmp_path, mixing, workers):
     resumed = build_data_dataloader(2, 1, tok, cfg)
     resumed.load_state_dict(state)
     rest = batches(resumed, 43)
+    boundaries = 0
     for (x, y), (xs, ys) in zip(first + rest, straight, strict=True):
         assert x["input"].shape == (2, 24) and torch.equal(x["input"][:, 1:], y[:, :-1])
         assert torch.equal(x["input"], xs["input"]) and torch.equal(y, ys)
+        row = torch.cat([x["input"], y[:, -1:]], dim=1)
+        # A piece of a document ends inside a row only at its EOS (what document masking cuts
+        # at): a document start (BOS) inside a row always follows an EOS.
+        before_bos = row[:, :-1][row[:, 1:] == tok.bos_id]
+        assert bool((before_bos == tok.eos_id).all())
+        boundaries += before_bos.numel()
+    assert boundaries > 50
     other_rank = batches(build_data_dataloader(2, 0, tok, cfg), 4)
     assert not torch.equal(other_rank[0][0]["input"], straight[0][0]["input"])
 

@@ -68,6 +68,11 @@ class Data:
     infinite: bool = True
     """Restart a source at its end (new epoch); false ends training when the data run out."""
 
+    snapshot_every_n_batches: int = 64
+    """With worker processes, each worker's state (for RSDB the whole buffer, ~20 MiB at 4096
+    documents) is sent to the main process every N batches; a resume regenerates up to N-1
+    batches from the last snapshot, with identical results."""
+
     batch_ramp: list[dict[str, int]] = field(default_factory=list)
     """Global-batch ramp: {tokens = threshold in training tokens, global_batch_size = sequences}.
     From each threshold on the global batch changes by gradient accumulation; the LR schedule

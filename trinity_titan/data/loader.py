@@ -168,4 +168,5 @@ def build_data_dataloader(
         dp_world_size=dp_world_size,
         **asdict(training.dataloader),
         batch_size=training.local_batch_size,
+        snapshot_every_n_steps=data.snapshot_every_n_batches,
     )
