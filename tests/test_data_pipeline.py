@@ -190,7 +190,7 @@ def test_train_through_pipeline_resumes_bitwise(tmp_path):
         + f"""
 [data]
 mixing = "rsdb"
-rsdb_buffer_docs = 32
+rsdb_buffer_docs = 4  # 2 per worker: refills often, so phase 2 documents arrive
 seed = 7
 
 [[data.sources]]
@@ -225,6 +225,7 @@ global_batch_size = 4
     assert sorted(full) == [1, 2, 3, 4, 5, 6]
     # 2 steps of 2 x 128 tokens reach the 512-token threshold: step 3 accumulates 2 micro-batches.
     assert "Batch ramp at 512 tokens (step 3): global batch 4 sequences" in log
+    assert "Data phase 2/2 from" in log
 
     step3 = tmp_path / "resumed" / "checkpoint" / "step-3"
     shutil.copytree(tmp_path / "full" / "checkpoint" / "step-3", step3)

@@ -3,7 +3,8 @@
 The source of every next document is a weighted random choice (own seeded RNG, checkpointed) under
 the weights of the phase the run is in, measured in training tokens emitted so far; the loader
 switches phase as soon as the emitted tokens reach the phase boundary (the cumulative budgets).
-The last phase continues past its budget. A finite source that runs out is dropped from the
+The last phase continues past its budget. With RSDB, documents already buffered are still read
+out after a switch (new documents follow the new weights). A finite source that runs out is dropped from the
 choice; when no source with weight is left the stream ends.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import numpy as np
+from torchtitan.tools.logging import logger
 
 
 class DocumentSource(Protocol):
@@ -64,10 +66,17 @@ class Mixture:
         self._rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed)))
         self._exhausted = [False] * len(sources)
         self.drawn = [0] * len(sources)  # documents per source, for logs and tests
+        self.phase = 0
 
     def next_document(self, tokens: int) -> np.ndarray:
         """The next document, its source chosen under the weights of the phase at `tokens`."""
-        weights = self.schedule.weights[self.schedule.phase_at(tokens)]
+        phase = self.schedule.phase_at(tokens)
+        if phase != self.phase:
+            logger.info(
+                f"Data phase {phase + 1}/{len(self.schedule.boundaries)} from {tokens} tokens"
+            )
+            self.phase = phase
+        weights = self.schedule.weights[phase]
         while True:
             live = np.where(self._exhausted, 0.0, weights)
             if live.sum() <= 0:
@@ -86,6 +95,7 @@ class Mixture:
             "rng": self._rng.bit_generator.state,
             "exhausted": list(self._exhausted),
             "drawn": list(self.drawn),
+            "phase": self.phase,
             "sources": [s.state_dict() for s in self.sources],
         }
 
@@ -93,5 +103,6 @@ class Mixture:
         self._rng.bit_generator.state = state["rng"]
         self._exhausted = list(state["exhausted"])
         self.drawn = list(state["drawn"])
+        self.phase = int(state["phase"])
         for source, s in zip(self.sources, state["sources"], strict=True):
             source.load_state_dict(s)
