@@ -43,8 +43,9 @@ class MoE:
 class Data:
     """The pretraining data pipeline (trinity_titan/data). Empty `sources` keeps the debug loader.
 
-    Lists of tables are TOML-only (`[[data.sources]]`, `[[data.phases]]`, `[[data.batch_ramp]]`);
-    scalars can be overridden on the command line. Worker processes per rank come from TorchTitan's
+    Lists of tables are best written in TOML (`[[data.sources]]`, `[[data.phases]]`,
+    `[[data.batch_ramp]]`); the command line takes one entry as key-value pairs, e.g.
+    `--data.batch_ramp tokens 512 global_batch_size 4`. Worker processes per rank come from TorchTitan's
     `[training.dataloader] num_workers`; each worker reads its own shard with its own buffer.
     """
 
