@@ -63,25 +63,28 @@ def test_z_loss_and_statistics_match_direct_computation():
 
 
 def test_loss_fn_records_training_microbatches_per_step():
-    stats = LossStats(microbatches_per_step=2)
+    stats = LossStats()
     loss_fn = TrinityLoss(1e-4, stats)
     for _ in range(3):
-        logits, labels = _batch()
-        loss_fn(logits, labels)
-    assert len(stats.microbatches) == 1  # the third micro-batch opened a new step
+        loss_fn(*_batch())
+    stats.close_step()  # the optimizer step ends a step of 3 micro-batches
+    loss_fn(*_batch())  # the next step has begun: the finished one is still reported
+    assert len(stats.microbatches) == 3
     with torch.no_grad():
         loss_fn(*_batch())  # validation: not recorded
+    stats.close_step()
     assert len(stats.microbatches) == 1 and stats.vocab_size == V
     precomputed = loss_terms_from_logits(*_batch(), 1e-4)
     assert loss_fn(precomputed, None) is precomputed.loss_sum
 
 
 def test_loss_metrics_and_health_warning():
-    stats = LossStats(microbatches_per_step=2)
+    stats = LossStats()
     loss_fn = TrinityLoss(1e-3, stats)
     batches = [_batch(), _batch()]
     for logits, labels in batches:
         loss_fn(logits, labels)
+    stats.close_step()
     proc = TrinityMetricsProcessor.__new__(TrinityMetricsProcessor)
     proc.loss_stats = stats
     proc.parallel_dims = SimpleNamespace(get_optional_mesh=lambda name: None)

@@ -52,6 +52,11 @@ def test_unregistered_dataset():
         build("--training.dataset", "c5")
 
 
+def test_missing_data_source(tmp_path):
+    with pytest.raises(ConfigError, match=r"entry 0: path = .* matches no file"):
+        build("--data.sources", "path", str(tmp_path / "web" / "*.parquet"))
+
+
 def test_tokenizer_vocab_larger_than_the_model(tmp_path):
     big = tmp_path / "tokenizer"
     shutil.copytree(DEBUG_ASSETS, big, ignore=shutil.ignore_patterns("*.jsonl"))

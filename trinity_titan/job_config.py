@@ -116,6 +116,47 @@ class Optimizer:
 
 
 @dataclass
+class Data:
+    """The pretraining data pipeline (trinity_titan/data). Empty `sources` keeps the debug loader.
+
+    Lists of tables are best written in TOML (`[[data.sources]]`, `[[data.phases]]`,
+    `[[data.batch_ramp]]`); the command line takes one entry as key-value pairs, e.g.
+    `--data.batch_ramp tokens 512 global_batch_size 4`. Worker processes per rank come from TorchTitan's
+    `[training.dataloader] num_workers`; each worker reads its own shard with its own buffer.
+    """
+
+    sources: list[dict[str, str | float]] = field(default_factory=list)
+    """Datasets: {path = local jsonl/parquet/arrow file, dir or glob, or a hub name; name = hub
+    config; split = "train"; text_field = "text"; weight = 1.0 (used when there are no phases)}."""
+
+    mixing: Literal["rsdb", "sequential"] = "rsdb"
+    """How documents become rows: RSDB (random read heads over a document buffer) or plain packing."""
+
+    rsdb_buffer_docs: int = 8192
+    """RSDB's configured size per data-parallel rank, split over the workers; it holds up to 2x."""
+
+    seed: int = 0
+    """Seeds the source choice and RSDB picks (combined with the DP rank and worker id)."""
+
+    phases: list[dict[str, int | list[float]]] = field(default_factory=list)
+    """Mixture phases in order: {tokens = budget in training tokens, weights = one per source}.
+    The loader switches at each cumulative boundary; the last phase runs on past its budget."""
+
+    infinite: bool = True
+    """Restart a source at its end (new epoch); false ends training when the data run out."""
+
+    snapshot_every_n_batches: int = 64
+    """With worker processes, each worker's state (for RSDB the whole buffer, ~20 MiB at 4096
+    documents) is sent to the main process every N batches; a resume regenerates up to N-1
+    batches from the last snapshot, with identical results."""
+
+    batch_ramp: list[dict[str, int]] = field(default_factory=list)
+    """Global-batch ramp: {tokens = threshold in training tokens, global_batch_size = sequences}.
+    From each threshold on the global batch changes by gradient accumulation; the LR schedule
+    keeps counting steps. Needs `python -m trinity_titan.train`."""
+
+
+@dataclass
 class JobConfig:
     model: Model = field(default_factory=Model)
     moe: MoE = field(default_factory=MoE)
@@ -123,3 +164,4 @@ class JobConfig:
     loss: Loss = field(default_factory=Loss)
     health: Health = field(default_factory=Health)
     optimizer: Optimizer = field(default_factory=Optimizer)
+    data: Data = field(default_factory=Data)

@@ -62,23 +62,41 @@ def loss_terms_from_logits(
 
 
 class LossStats:
-    """Detached statistics of the micro-batches of the last training step on this rank."""
+    """Detached statistics of the micro-batches of the last finished training step on this rank.
 
-    def __init__(self, microbatches_per_step: int = 1) -> None:
-        self.microbatches_per_step = max(1, microbatches_per_step)
+    A step ends at the optimizer step (`close_step`, an optimizer pre-step hook), so the number of
+    micro-batches may change from step to step (the batch-size ramp changes it).
+    """
+
+    def __init__(self) -> None:
         self.vocab_size = 0
-        self._seen = 0
+        self._current: list[LossTerms] = []
         self.microbatches: list[LossTerms] = []
+        """The finished step's micro-batches (what the metrics report)."""
 
     def record(self, terms: LossTerms, vocab_size: int) -> None:
         """Keep a detached copy of one micro-batch's terms; vocab_size 0 means unknown."""
-        if self._seen % self.microbatches_per_step == 0:
-            self.microbatches = []
-        self._seen += 1
         self.vocab_size = vocab_size
-        self.microbatches.append(
+        self._current.append(
             LossTerms(*(getattr(terms, name).detach() for name in LossTerms._fields))
         )
+
+    def close_step(self) -> None:
+        self.microbatches, self._current = self._current, []
+
+    def discard_step(self) -> None:
+        """Drop the running step's micro-batches (a step whose update was skipped)."""
+        self._current = []
+
+
+def register_loss_stats_step(optimizers: Any) -> None:
+    """Close the loss statistics of a step when its optimizer step runs."""
+
+    def close(*_args: Any, **_kwargs: Any) -> None:
+        if active_loss_stats is not None:
+            active_loss_stats.close_step()
+
+    optimizers.register_step_pre_hook(close)
 
 
 class TrinityLoss:
@@ -109,25 +127,13 @@ active_loss_stats: LossStats | None = None
 """Statistics of the loss built last in this process (read by trinity_titan.metrics)."""
 
 
-def microbatches_per_step(job_config: JobConfig, parallel_dims: ParallelDims | None) -> int:
-    """Gradient-accumulation steps, computed as TorchTitan's trainer does."""
-    batch_degree = (
-        1 if parallel_dims is None else parallel_dims.dp_replicate * parallel_dims.dp_shard
-    )
-    local = job_config.training.local_batch_size
-    global_batch = job_config.training.global_batch_size
-    if global_batch < 0:
-        global_batch = local * batch_degree
-    return max(1, global_batch // (local * batch_degree))
-
-
 def build_trinity_loss(
     job_config: JobConfig, parallel_dims: ParallelDims | None = None, **kwargs
 ) -> TrinityLoss:
     global active_loss_stats
     loss_cfg = getattr(job_config, "loss", None)
     z_coeff = 1e-6 if loss_cfg is None else loss_cfg.z_loss_coeff
-    active_loss_stats = LossStats(microbatches_per_step(job_config, parallel_dims))
+    active_loss_stats = LossStats()
     compile_loss = job_config.compile.enable and "loss" in job_config.compile.components
     return TrinityLoss(
         z_coeff, active_loss_stats, job_config.compile.backend if compile_loss else None

@@ -18,6 +18,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torchtitan.tools.logging import logger
 
+from trinity_titan import losses
 from trinity_titan.job_config import NanGuard as NanGuardConfig
 
 
@@ -109,12 +110,14 @@ class NanGuard:
             what.append("grad norm")
         self.skipped_steps.append(step)
         self.consecutive_skips += 1
-        # The expert-bias hook runs inside the optimizer step: drop this step's router counts too.
+        # The expert-bias and loss-stats hooks run inside the optimizer step: drop this step's data.
         for m in self.model_parts:
             for module in m.modules():
                 counts = getattr(module, "tokens_per_expert", None)
                 if isinstance(counts, torch.Tensor):
                     counts.zero_()
+        if losses.active_loss_stats is not None:
+            losses.active_loss_stats.discard_step()
         stop = self.config.action == "checkpoint_and_stop" or (
             self.consecutive_skips > self.config.max_consecutive_skips
         )

@@ -11,6 +11,7 @@ from torchtitan.config import Optimizer as OptimizerConfig
 from torchtitan.distributed import ParallelDims
 
 from trinity_titan.balancing import register_expert_bias_update
+from trinity_titan.losses import register_loss_stats_step
 from trinity_titan.muon import HybridMuon
 
 EMBEDDING_AND_HEAD = ("tok_embeddings", "output")
@@ -106,4 +107,5 @@ def build_trinity_optimizers(
     else:
         optimizers = build_optimizers(model_parts, optimizer_config, parallel_dims, ft_manager)
     register_expert_bias_update(optimizers, model_parts, parallel_dims)
+    register_loss_stats_step(optimizers)
     return optimizers

@@ -1,14 +1,17 @@
 """`python -m trinity_titan.train`: TorchTitan's trainer with Trinity's training-loop additions.
 
 The stock `-m torchtitan.train` trains every Trinity config too; this subclass adds what needs the
-training loop itself: the NaN/inf guard (`[nan_guard]`).
+training loop itself: the batch-size ramp (`[[data.batch_ramp]]`) and the NaN/inf guard
+(`[nan_guard]`).
 """
 
 from __future__ import annotations
 
 from torchtitan.config import JobConfig
+from torchtitan.tools.logging import logger
 from torchtitan.train import Trainer, main
 
+from trinity_titan.data.ramp import BatchRamp, mark_ramp_supported
 from trinity_titan.nan_guard import NanGuard
 
 
@@ -16,13 +19,33 @@ class TrinityTrainer(Trainer):
     """TorchTitan's Trainer; Trinity features override its hooks, never copy its loop."""
 
     def __init__(self, job_config: JobConfig):
+        mark_ramp_supported()  # before the dataloader builder checks for it
         super().__init__(job_config)
+        dims = self.parallel_dims
+        self._batch_degree = dims.get_mesh("batch").size() if dims.dp_enabled else 1
+        self.batch_ramp = BatchRamp.from_job_config(job_config, self._batch_degree)
         self.nan_guard = NanGuard(
             job_config.nan_guard, self.model_parts, lambda: self.step, self._checkpoint_now
         )
         if self.nan_guard.enabled:
             self.loss_fn = self.nan_guard.watch_loss(self.loss_fn)
             self.optimizers.step = self.nan_guard.guard_step(self.optimizers.step)
+
+    def train_step(self, data_iterator):
+        """Batch ramp: set gradient accumulation from the global tokens seen before this step."""
+        if self.batch_ramp.thresholds:
+            tokens = self.ntokens_seen * self._batch_degree  # checkpointed by the Trainer
+            accum = self.batch_ramp.grad_accum_at(
+                tokens, self.job_config.training.local_batch_size, self._batch_degree
+            )
+            if accum != self.gradient_accumulation_steps:
+                logger.info(
+                    f"Batch ramp at {tokens} tokens (step {self.step}): global batch "
+                    f"{self.batch_ramp.global_batch_at(tokens)} sequences, "
+                    f"gradient accumulation steps {accum}"
+                )
+                self.gradient_accumulation_steps = accum
+        return super().train_step(data_iterator)
 
     def _checkpoint_now(self, step: int) -> None:
         """A full, resumable checkpoint of `step` now (TorchTitan's last-step save may be weights only)."""

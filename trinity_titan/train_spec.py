@@ -6,7 +6,7 @@ from torchtitan.components.lr_scheduler import build_lr_schedulers
 from torchtitan.components.validate import build_validator
 from torchtitan.protocols.train_spec import TrainSpec
 
-from trinity_titan.dataloader import build_trinity_dataloader
+from trinity_titan.data.loader import build_data_dataloader
 from trinity_titan.losses import build_trinity_loss
 from trinity_titan.metrics import build_trinity_metrics_processor
 from trinity_titan.model import TrinityModel, trinity_flavors
@@ -26,7 +26,7 @@ def get_train_spec() -> TrainSpec:
         pipelining_fn=None,
         build_optimizers_fn=build_trinity_optimizers,
         build_lr_schedulers_fn=build_lr_schedulers,
-        build_dataloader_fn=build_trinity_dataloader,
+        build_dataloader_fn=build_data_dataloader,
         build_tokenizer_fn=build_trinity_tokenizer,
         build_loss_fn=build_trinity_loss,
         build_metrics_processor_fn=build_trinity_metrics_processor,

@@ -7,6 +7,7 @@ Every error names the option to change and how.
 
 from __future__ import annotations
 
+import glob
 import os
 from pathlib import Path
 
@@ -60,6 +61,23 @@ def check_paths(job_config: JobConfig) -> None:
             f"[training] dataset_path = {path!r} does not exist. Fix: correct "
             "--training.dataset_path, or leave it empty to use the dataset's default location."
         )
+
+
+def check_data_sources(job_config: JobConfig) -> None:
+    """Every local `[[data.sources]]` path (file, folder or glob) must match something."""
+    data = getattr(job_config, "data", None)
+    for i, source in enumerate(getattr(data, "sources", None) or []):
+        path = str(source.get("path", ""))
+        if not path:
+            raise ConfigError(
+                f"[[data.sources]] entry {i} has no path. Fix: add path = a local file, folder or "
+                "glob, or a hub dataset name."
+            )
+        if _looks_local(path) and not glob.glob(os.path.expanduser(path)):
+            raise ConfigError(
+                f"[[data.sources]] entry {i}: path = {path!r} matches no file. Fix: correct the "
+                "path (a jsonl/parquet/arrow file, a folder of them, or a glob)."
+            )
 
 
 def check_vocab(

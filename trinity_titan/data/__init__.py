@@ -1,0 +1,1 @@
+"""Pretraining data: HF sources, mixture phases, RSDB or sequential packing, batch-size ramp."""
