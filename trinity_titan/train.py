@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torchtitan.tools.logging import logger
 from torchtitan.train import Trainer, main
 
 
@@ -30,6 +31,12 @@ class TrinityTrainer(Trainer):
                     "[kernels] fused_loss does not support pipeline parallelism"
                 )
             extra_inputs["labels"] = labels
+            if not getattr(self, "_fused_loss_logged", False):
+                logger.info(
+                    "Fused linear cross-entropy: the LM head computes the loss "
+                    f"({self.model_args.kernel_backend} kernels)"
+                )
+                self._fused_loss_logged = True
         return inputs, labels, extra_inputs, extra_kwargs
 
 
