@@ -118,6 +118,23 @@ def test_fused_ce_accumulates_in_fp32_with_bf16_inputs():
     assert rel(gh, rh) < 6e-3
 
 
+def test_fused_ce_under_autocast_matches_autocast_linear():
+    """fp32 params under bf16 autocast (single-device mixed precision): the chunk matmuls run in
+    bf16 as nn.Linear's would; the gradients come back in the parameters' dtype."""
+    hidden, weight, labels = make_problem()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        terms = fused_linear_cross_entropy(hidden, weight, labels, z_loss_coeff=1e-3, chunk_size=9)
+        logits = F.linear(hidden, weight)
+    assert logits.dtype == torch.bfloat16
+    ref = naive_terms(logits.float(), torch.eye(logits.shape[-1]), labels, 1e-3)
+    torch.testing.assert_close(terms.loss_sum.double(), ref["loss_sum"], rtol=1e-5, atol=0)
+    gh, gw = grads(terms.loss_sum, hidden, weight)
+    rh, rw = grads(ref["loss_sum"], hidden, weight)
+    assert gh.dtype == gw.dtype == torch.float32
+    for a, b in ((gh, rh), (gw, rw)):
+        assert ((a.double() - b).norm() / b.norm()).item() < 1e-2
+
+
 def test_fused_ce_accepts_leading_dims_and_rejects_mismatch():
     hidden, weight, labels = make_problem(n=12, ignored=())
     a = fused_linear_cross_entropy(hidden.view(3, 4, -1), weight, labels.view(3, 4))

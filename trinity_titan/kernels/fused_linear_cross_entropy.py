@@ -108,54 +108,30 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, z_loss_coeff, ignore_index, chunk_size):
-        n, _ = hidden.shape
-        device = hidden.device
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=device) if need_w else None
-
-        valid = labels != ignore_index
-        ce_sum = torch.zeros((), dtype=torch.float32, device=device)
-        z_sum = torch.zeros((), dtype=torch.float32, device=device)
-        logit_sum = torch.zeros((), dtype=torch.float32, device=device)
-        logit_max = torch.full((), float("-inf"), dtype=torch.float32, device=device)
-        for start in range(0, n, chunk_size):
-            end = min(start + chunk_size, n)
-            h = hidden[start:end]
-            mask = valid[start:end]
-            target = torch.where(mask, labels[start:end], 0)
-            w_row = mask.float()
-
-            logits = _chunk_logits(h, weight)
-            row_max = logits.amax(dim=-1)
-            logit_sum += (logits.sum(dim=-1) * w_row).sum()
-            logit_max = torch.maximum(logit_max, row_max.masked_fill(~mask, float("-inf")).max())
-            target_logit = logits.gather(1, target[:, None]).squeeze(1)
-            # softmax in place: logits becomes exp(logits - max), then probabilities.
-            probs = logits.sub_(row_max[:, None]).exp_()
-            denom = probs.sum(dim=-1)
-            lse = row_max + denom.log()
-            ce_sum += ((lse - target_logit) * w_row).sum()
-            z_sum += (lse.square() * w_row).sum()
-
-            if need_h or need_w:
-                # d(ce + c lse^2)/d logits = softmax * (1 + 2 c lse) - onehot(label), per valid row.
-                scale = (1.0 + 2.0 * z_loss_coeff * lse) / denom * w_row
-                grad_logits = probs.mul_(scale[:, None])
-                grad_logits[torch.arange(end - start, device=device), target] -= w_row
-                grad_logits = grad_logits.to(hidden.dtype)
-                if need_h:
-                    grad_h[start:end] = grad_logits @ weight
-                if need_w:
-                    _accumulate_fp32(grad_w, grad_logits.t(), h)
-            del logits, probs
-
-        loss_sum = ce_sum + z_loss_coeff * z_sum
-        num_valid = valid.sum()
-        ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
-        ctx.mark_non_differentiable(ce_sum, z_sum, logit_max, logit_sum, num_valid)
-        return loss_sum, ce_sum, z_sum, logit_max, logit_sum, num_valid
+        needs = ctx.needs_input_grad[:2]
+        device_type = hidden.device.type
+        if torch.is_autocast_enabled(device_type):
+            # Do explicitly what autocast would do to nn.Linear: matmuls in the autocast dtype.
+            dtype = torch.get_autocast_dtype(device_type)
+            with torch.autocast(device_type, enabled=False):
+                out, grad_h, grad_w = _chunked_loss_and_grads(
+                    hidden.to(dtype),
+                    weight.to(dtype),
+                    labels,
+                    z_loss_coeff,
+                    ignore_index,
+                    chunk_size,
+                    needs,
+                )
+            grad_h = grad_h.to(hidden.dtype) if grad_h is not None else None
+        else:
+            out, grad_h, grad_w = _chunked_loss_and_grads(
+                hidden, weight, labels, z_loss_coeff, ignore_index, chunk_size, needs
+            )
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.mark_non_differentiable(*out[1:])
+        return out
 
     @staticmethod
     def backward(ctx, grad_loss, *_unused):
@@ -165,6 +141,55 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         if grad_w is not None:
             grad_w = (grad_w * grad_loss.float()).to(ctx.weight_dtype)
         return grad_h, grad_w, None, None, None, None
+
+
+def _chunked_loss_and_grads(hidden, weight, labels, z_loss_coeff, ignore_index, chunk_size, needs):
+    """Loss terms, d loss_sum / d hidden and d loss_sum / d weight (fp32), chunk by chunk."""
+    n, _ = hidden.shape
+    device = hidden.device
+    need_h, need_w = needs
+    grad_h = torch.empty_like(hidden) if need_h else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=device) if need_w else None
+
+    valid = labels != ignore_index
+    ce_sum = torch.zeros((), dtype=torch.float32, device=device)
+    z_sum = torch.zeros((), dtype=torch.float32, device=device)
+    logit_sum = torch.zeros((), dtype=torch.float32, device=device)
+    logit_max = torch.full((), float("-inf"), dtype=torch.float32, device=device)
+    for start in range(0, n, chunk_size):
+        end = min(start + chunk_size, n)
+        h = hidden[start:end]
+        mask = valid[start:end]
+        target = torch.where(mask, labels[start:end], 0)
+        w_row = mask.float()
+
+        logits = _chunk_logits(h, weight)
+        row_max = logits.amax(dim=-1)
+        logit_sum += (logits.sum(dim=-1) * w_row).sum()
+        logit_max = torch.maximum(logit_max, row_max.masked_fill(~mask, float("-inf")).max())
+        target_logit = logits.gather(1, target[:, None]).squeeze(1)
+        # softmax in place: logits becomes exp(logits - max), then probabilities.
+        probs = logits.sub_(row_max[:, None]).exp_()
+        denom = probs.sum(dim=-1)
+        lse = row_max + denom.log()
+        ce_sum += ((lse - target_logit) * w_row).sum()
+        z_sum += (lse.square() * w_row).sum()
+
+        if need_h or need_w:
+            # d(ce + c lse^2)/d logits = softmax * (1 + 2 c lse) - onehot(label), per valid row.
+            scale = (1.0 + 2.0 * z_loss_coeff * lse) / denom * w_row
+            grad_logits = probs.mul_(scale[:, None])
+            grad_logits[torch.arange(end - start, device=device), target] -= w_row
+            grad_logits = grad_logits.to(hidden.dtype)
+            if need_h:
+                grad_h[start:end] = grad_logits @ weight
+            if need_w:
+                _accumulate_fp32(grad_w, grad_logits.t(), h)
+        del logits, probs
+
+    loss_sum = ce_sum + z_loss_coeff * z_sum
+    num_valid = valid.sum()
+    return (loss_sum, ce_sum, z_sum, logit_max, logit_sum, num_valid), grad_h, grad_w
 
 
 @torch.no_grad()
