@@ -264,23 +264,26 @@ def test_model_with_labels_returns_fused_terms(debug_args):
 
 # ---------------------------------------------------------------------------- CUDA: Liger vs torch
 @cuda
-@pytest.mark.parametrize("shape", [(4, 256, 1024), (2, 128, 8, 128)])
+@pytest.mark.parametrize("shape", [(4, 256, 1024), (2, 128, 8, 128)])  # hidden; QK-norm heads
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_liger_rms_norm_matches_torch(shape, dtype):
     x = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
     w = (1 + 0.3 * torch.randn(shape[-1], device="cuda")).to(dtype).requires_grad_()
     g = torch.randn(shape, device="cuda", dtype=dtype)
-    ref = rms_norm(x, w, 1e-5, "torch")
-    out = rms_norm(x, w, 1e-5, "liger")
+
+    def sandwich(backend):
+        # x + norm(x): the norm's output gradient is also the residual's (post-norm layout),
+        # so an in-place Liger backward would corrupt the residual gradient.
+        out = rms_norm(x, w, 1e-5, backend)
+        return out, grads(((x + out) * g).sum(), x, w)
+
+    ref, (rx, rw) = sandwich("torch")
+    out, (gx, gw) = sandwich("liger")
     tol = dict(rtol=1.6e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out, ref, **tol)
-    gref = grads((ref * g).sum(), x, w)
-    # The residual stream shares the output gradient: Liger must not overwrite it.
-    g_before = g.clone()
-    gout = grads((out * g).sum(), x, w)
-    assert torch.equal(g, g_before)
-    torch.testing.assert_close(gout[0], gref[0], **tol)
-    torch.testing.assert_close(gout[1].float(), gref[1].float(), rtol=2e-2, atol=shape[0] * 1e-2)
+    torch.testing.assert_close(gx, rx, **tol)
+    rel = ((gw.float() - rw.float()).norm() / rw.float().norm()).item()
+    assert rel < (1e-2 if dtype == torch.bfloat16 else 1e-5)
 
 
 @cuda

@@ -37,7 +37,7 @@ from torchtitan.components.loss import IGNORE_INDEX, cross_entropy_loss
 from torchtitan.config import TORCH_DTYPE_MAP, ConfigManager, JobConfig
 from torchtitan.distributed.activation_checkpoint import apply_ac
 from torchtitan.models.deepseek_v3 import DeepSeekV3Model, DeepSeekV3ModelArgs
-from torchtitan.models.llama4.infra.parallelize import apply_compile
+from torchtitan.models.llama4.infra.parallelize import _op_sac_save_list, apply_compile
 from torchtitan.models.moe import MoEArgs
 from torchtitan.tools.utils import get_peak_flops
 
@@ -110,6 +110,7 @@ def build(model_cls: type[nn.Module], args: Any, job_config: JobConfig, device: 
             model,
             job_config.activation_checkpoint,
             model_compile_enabled=compile_model,
+            op_sac_save_list=_op_sac_save_list,
             base_folder=job_config.job.dump_folder,
         )
     if compile_model:
