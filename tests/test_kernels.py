@@ -144,6 +144,91 @@ def test_fused_ce_accepts_leading_dims_and_rejects_mismatch():
         fused_linear_cross_entropy(hidden, weight, labels[:5])
 
 
+@pytest.mark.parametrize("logit_stats", [True, False])
+def test_liger_glue_against_installed_signature(monkeypatch, logit_stats):
+    """The Liger path's call and its conversion to LossTerms, on CPU: the positional arguments
+    are bound to the installed LigerFusedLinearCrossEntropyFunction.forward's signature, and a
+    stand-in returns what Liger returns (loss incl. z-loss, z-loss scaled, both summed)."""
+    import importlib
+    import inspect
+
+    import liger_kernel.ops
+
+    flce = importlib.import_module("trinity_titan.kernels.fused_linear_cross_entropy")
+
+    real = liger_kernel.ops.LigerFusedLinearCrossEntropyFunction
+    hidden, weight, labels = make_problem()
+    coeff = 1e-2
+    seen = {}
+
+    class StandIn:
+        @staticmethod
+        def apply(*args):
+            bound = inspect.signature(real.forward).bind(None, *args)
+            bound.apply_defaults()
+            seen.update(bound.arguments)
+            ref = naive_terms(args[0], args[1], args[2], bound.arguments["lse_square_scale"])
+            z_scaled = bound.arguments["lse_square_scale"] * ref["z_sum"]
+            return ref["loss_sum"].float(), z_scaled.to(args[0].dtype), None, None
+
+    monkeypatch.setattr(liger_kernel.ops, "LigerFusedLinearCrossEntropyFunction", StandIn)
+    terms = flce._liger_terms(hidden, weight, labels, coeff, -100, logit_stats)
+    assert seen["_input"] is hidden and seen["weight"] is weight and seen["target"] is labels
+    assert seen["bias"] is None and seen["ce_weight"] is None and seen["softcap"] is None
+    assert seen["ignore_index"] == -100 and seen["lse_square_scale"] == coeff
+    assert seen["label_smoothing"] == 0.0 and seen["reduction"] == "sum"
+    assert seen["return_z_loss"] is True and seen["accum_dtype"] == torch.float32
+    assert seen["use_token_scaling"] is False
+
+    ref = naive_terms(hidden, weight, labels, coeff)
+    names = ["loss_sum", "ce_sum", "z_sum", "logit_sum"] + (["logit_max"] if logit_stats else [])
+    for name in names:
+        torch.testing.assert_close(
+            getattr(terms, name).double(), ref[name], rtol=1e-5, atol=1e-4, msg=name
+        )
+    assert logit_stats or torch.isnan(terms.logit_max)
+    assert terms.num_valid.item() == ref["num_valid"].item()
+
+
+def test_liger_norm_and_swiglu_calls_bind_to_installed_signatures(monkeypatch):
+    """On CPU: route the liger branches to stand-ins that bind the arguments to the installed
+    Liger Functions' forward signatures (AFMoE needs casting_mode gemma, offset 0, no in-place)."""
+    import importlib
+    import inspect
+
+    import liger_kernel.ops
+
+    seen = {}
+
+    def stand_in(name, fallback):
+        real = getattr(liger_kernel.ops, name)
+
+        class StandIn:
+            @staticmethod
+            def apply(*args):
+                bound = inspect.signature(real.forward).bind(None, *args)
+                bound.apply_defaults()
+                seen[name] = bound.arguments
+                return fallback(*args[:3])
+
+        monkeypatch.setattr(liger_kernel.ops, name, StandIn)
+
+    stand_in("LigerRMSNormFunction", rms_norm)
+    stand_in("LigerSiLUMulFunction", lambda a, b, *_: silu_mul(a, b))
+    for module in ("rms_norm", "swiglu"):
+        mod = importlib.import_module(f"trinity_titan.kernels.{module}")
+        monkeypatch.setattr(mod, "use_liger", lambda backend, *tensors: backend == "liger")
+    x, w = torch.randn(2, 3, 4, 8), torch.randn(8)
+    assert torch.equal(rms_norm(x, w, 1e-5, "liger"), rms_norm(x, w, 1e-5, "torch"))
+    args = seen["LigerRMSNormFunction"]
+    assert args["X"] is x and args["W"] is w and args["eps"] == 1e-5
+    assert args["offset"] == 0.0 and args["casting_mode"] == "gemma" and args["in_place"] is False
+    gate, up = torch.randn(5, 6), torch.randn(5, 6)
+    assert torch.equal(silu_mul(gate, up, "liger"), silu_mul(gate, up))
+    args = seen["LigerSiLUMulFunction"]
+    assert args["a"] is gate and args["b"] is up and args["gate_multiplier"] == 1.0
+
+
 # ---------------------------------------------------------------------------- RMSNorm, SwiGLU
 def naive_rms_norm(x, w, eps):
     """HF AFMoE's formula in fp64: w * x / sqrt(mean(x^2) + eps)."""
