@@ -55,7 +55,8 @@ def fused_linear_cross_entropy(
 ) -> LossTerms:
     """hidden [N, D] (or [..., D]), weight [V, D], labels [N] (or [...]) -> LossTerms.
 
-    `chunk_size` is the number of tokens per chunk of the PyTorch path; Liger sizes its own chunks.
+    `chunk_size` is the number of tokens per chunk of the PyTorch path and of the Liger path's
+    statistics pass; Liger sizes the chunks of its loss kernel itself.
     `logit_stats=False` skips the Liger path's extra statistics pass (logit_max is then NaN and
     logit_sum comes from sum_t h_t . sum_v W_v, which is exact up to rounding).
     """
@@ -81,7 +82,9 @@ def _dispatch(hidden, weight, labels, z_loss_coeff, ignore_index, chunk_size, ba
     # Eager on purpose: a Python loop over chunks (and Liger's host-side count) is not worth
     # tracing, and TorchTitan compiles the blocks, not the head.
     if use_liger(backend, hidden, weight):
-        return _liger_terms(hidden, weight, labels, z_loss_coeff, ignore_index, logit_stats)
+        return _liger_terms(
+            hidden, weight, labels, z_loss_coeff, ignore_index, logit_stats, chunk_size
+        )
     loss_sum, ce_sum, z_sum, logit_max, logit_sum, num_valid = _FusedLinearCrossEntropy.apply(
         hidden, weight, labels, z_loss_coeff, ignore_index, chunk_size
     )
@@ -217,7 +220,9 @@ def logit_statistics(
     return logit_max, logit_sum, z_sum
 
 
-def _liger_terms(hidden, weight, labels, z_loss_coeff, ignore_index, logit_stats) -> LossTerms:
+def _liger_terms(
+    hidden, weight, labels, z_loss_coeff, ignore_index, logit_stats, chunk_size=1024
+) -> LossTerms:
     from liger_kernel.ops import LigerFusedLinearCrossEntropyFunction
 
     loss_sum, z_loss, _, _ = LigerFusedLinearCrossEntropyFunction.apply(
@@ -239,7 +244,9 @@ def _liger_terms(hidden, weight, labels, z_loss_coeff, ignore_index, logit_stats
     z_scaled = z_loss.detach().float()
     ce_sum = loss_sum.detach().float() - z_scaled
     if logit_stats:
-        logit_max, logit_sum, z_sum = logit_statistics(hidden.detach(), weight.detach(), valid)
+        logit_max, logit_sum, z_sum = logit_statistics(
+            hidden.detach(), weight.detach(), valid, chunk_size
+        )
     else:
         with torch.no_grad():
             h_sum = (hidden.detach().float() * valid[:, None]).sum(dim=0)
