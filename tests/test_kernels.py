@@ -298,6 +298,19 @@ def test_backend_resolution():
         resolve_backend("triton")
 
 
+def test_liger_is_not_traced_inside_torch_compile():
+    """Blocks are compiled with fullgraph=True: there the PyTorch path is traced instead."""
+    from trinity_titan.kernels.backend import use_liger
+
+    def pick(x):
+        return x + 1 if use_liger("liger") else x - 1
+
+    x = torch.zeros(2)
+    assert torch.equal(pick(x), x + 1)  # eager: Liger (given CUDA tensors)
+    compiled = torch.compile(pick, backend="eager", fullgraph=True)
+    assert torch.equal(compiled(x), x - 1)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
 def test_liger_without_cuda_fails_at_config_time(debug_args):
     from torchtitan.config import ConfigManager
