@@ -433,7 +433,8 @@ def test_liger_fused_ce_matches_torch(dtype, logit_stats):
 
 @cuda
 def test_liger_model_matches_torch_model(debug_args):
-    """The whole debug model in bf16 on CUDA: Liger norms, SwiGLU and fused loss vs PyTorch."""
+    """The debug model on CUDA under bf16 autocast (fp32 params, as the bench and single-device
+    training run it): Liger norms, SwiGLU and fused loss vs the PyTorch paths."""
     debug_args.z_loss_coeff = 1e-4
     models = {}
     for backend in ("torch", "liger"):
@@ -442,13 +443,16 @@ def test_liger_model_matches_torch_model(debug_args):
         torch.manual_seed(0)
         with torch.device("cuda"):
             model = TrinityModel(args)
-            model.init_weights(buffer_device=torch.device("cuda"))
-        models[backend] = model.to(torch.bfloat16)
+        model.init_weights(buffer_device=torch.device("cuda"))
+        models[backend] = model
     tokens = torch.randint(0, debug_args.vocab_size, (4, 128), device="cuda")
     labels = torch.randint(0, debug_args.vocab_size, (4, 128), device="cuda")
-    terms = {b: m(tokens, labels=labels) for b, m in models.items()}
+    terms, g = {}, {}
+    for backend, model in models.items():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            terms[backend] = model(tokens, labels=labels)
+        g[backend] = grads(terms[backend].loss_sum, *model.parameters())
     torch.testing.assert_close(terms["liger"].loss_sum, terms["torch"].loss_sum, rtol=2e-2, atol=0)
-    g = {b: grads(t.loss_sum, *models[b].parameters()) for b, t in terms.items()}
     for (name, _), a, b in zip(
         models["torch"].named_parameters(), g["liger"], g["torch"], strict=True
     ):
