@@ -53,7 +53,8 @@ class Kernels:
     labels to the model); the stock `-m torchtitan.train` keeps the logits path."""
 
     loss_chunk_size: int = 1024
-    """Tokens per chunk of the fused loss's PyTorch path (memory: chunk x vocab fp32 logits)."""
+    """Tokens per chunk of the fused loss's PyTorch path and of the Liger path's statistics pass
+    (memory: chunk x vocab fp32 logits)."""
 
     fused_logit_stats: bool = True
     """Exact max logit (and lse^2 for z=0) in the Liger fused loss via one more no-grad chunked
