@@ -157,6 +157,28 @@ class Data:
 
 
 @dataclass
+class Kernels:
+    """Fused kernels: Liger's Triton kernels on CUDA, a PyTorch path with the same numerics elsewhere."""
+
+    backend: Literal["auto", "liger", "torch"] = "auto"
+    """'auto': Liger if CUDA is available and liger-kernel imports, else PyTorch. 'liger' without
+    CUDA is an error at configuration time."""
+
+    fused_loss: bool = False
+    """LM head + cross-entropy + z-loss in one chunked pass that never materialises the
+    [tokens, vocab] logits. Takes effect under `-m trinity_titan.train` (its trainer hands the
+    labels to the model); the stock `-m torchtitan.train` keeps the logits path."""
+
+    loss_chunk_size: int = 1024
+    """Tokens per chunk of the fused loss's PyTorch path and of the Liger path's statistics pass
+    (memory: chunk x vocab fp32 logits)."""
+
+    fused_logit_stats: bool = True
+    """Exact max logit (and lse^2 for z=0) in the Liger fused loss via one more no-grad chunked
+    head matmul (+1/3 of the head's training FLOPs). False: max logit is NaN."""
+
+
+@dataclass
 class JobConfig:
     model: Model = field(default_factory=Model)
     moe: MoE = field(default_factory=MoE)
@@ -165,3 +187,4 @@ class JobConfig:
     health: Health = field(default_factory=Health)
     optimizer: Optimizer = field(default_factory=Optimizer)
     data: Data = field(default_factory=Data)
+    kernels: Kernels = field(default_factory=Kernels)

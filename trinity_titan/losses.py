@@ -8,7 +8,7 @@ coef * mean_t logsumexp(logits_t)^2; with coef = 0 the loss is exactly TorchTita
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,20 +17,8 @@ from torchtitan.config import JobConfig
 from torchtitan.distributed import ParallelDims
 from torchtitan.tools.logging import logger
 
-
-class LossTerms(NamedTuple):
-    loss_sum: torch.Tensor
-    """Differentiable: sum over valid tokens of ce_t + z_coeff * lse_t**2."""
-    ce_sum: torch.Tensor
-    """Detached fp32: sum of ce_t over valid tokens."""
-    z_sum: torch.Tensor
-    """Detached fp32: sum of lse_t**2 over valid tokens (coefficient not applied)."""
-    logit_max: torch.Tensor
-    """Detached fp32: max logit over the valid tokens' rows."""
-    logit_sum: torch.Tensor
-    """Detached fp32: sum of all logits of the valid tokens' rows."""
-    num_valid: torch.Tensor
-    """int64: number of tokens with label != ignore_index."""
+from trinity_titan.kernels import LossTerms
+from trinity_titan.model.flavors import trinity_flavors
 
 
 def loss_terms_from_logits(
@@ -102,8 +90,16 @@ def register_loss_stats_step(optimizers: Any) -> None:
 class TrinityLoss:
     """loss_fn(pred, labels) -> summed CE + z-loss; records the step's statistics in `stats`."""
 
-    def __init__(self, z_loss_coeff: float, stats: LossStats, compile_backend: str | None = None):
+    def __init__(
+        self,
+        z_loss_coeff: float,
+        stats: LossStats,
+        compile_backend: str | None = None,
+        vocab_size: int = 0,
+    ):
         self.z_loss_coeff = z_loss_coeff
+        self.vocab_size = vocab_size
+        """The model's vocabulary (a fused loss hands over terms, not logits); 0: unknown."""
         self.stats = stats
         self.last_terms: dict[str, torch.Tensor] = {}
         """The last micro-batch's detached terms, by name (the NaN guard reports which went bad)."""
@@ -114,7 +110,7 @@ class TrinityLoss:
 
     def __call__(self, pred: Any, labels: torch.Tensor) -> torch.Tensor:
         if hasattr(pred, "loss_sum"):
-            terms, vocab = pred, getattr(pred, "vocab_size", 0)
+            terms, vocab = pred, self.vocab_size
         else:
             terms, vocab = self._terms(pred, labels, self.z_loss_coeff), pred.shape[-1]
         if torch.is_grad_enabled():  # training, not validation
@@ -135,6 +131,10 @@ def build_trinity_loss(
     z_coeff = 1e-6 if loss_cfg is None else loss_cfg.z_loss_coeff
     active_loss_stats = LossStats()
     compile_loss = job_config.compile.enable and "loss" in job_config.compile.components
+    flavor = trinity_flavors.get(job_config.model.flavor)
     return TrinityLoss(
-        z_coeff, active_loss_stats, job_config.compile.backend if compile_loss else None
+        z_coeff,
+        active_loss_stats,
+        job_config.compile.backend if compile_loss else None,
+        vocab_size=flavor.vocab_size if flavor is not None else 0,
     )

@@ -1,12 +1,15 @@
 """`python -m trinity_titan.train`: TorchTitan's trainer with Trinity's training-loop additions.
 
 The stock `-m torchtitan.train` trains every Trinity config too; this subclass adds what needs the
-training loop itself: the batch-size ramp (`[[data.batch_ramp]]`) and the NaN/inf guard
-(`[nan_guard]`).
+training loop itself: the fused linear cross-entropy (`[kernels] fused_loss`), the batch-size ramp
+(`[[data.batch_ramp]]`) and the NaN/inf guard (`[nan_guard]`).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from torchtitan.config import JobConfig
 from torchtitan.tools.logging import logger
 from torchtitan.train import Trainer, main
@@ -27,6 +30,9 @@ class TrinityTrainer(Trainer):
         self.nan_guard = NanGuard(
             job_config.nan_guard, self.model_parts, lambda: self.step, self._checkpoint_now
         )
+        kernels = getattr(job_config, "kernels", None)
+        if kernels is not None and kernels.fused_loss and self.parallel_dims.pp_enabled:
+            raise NotImplementedError("[kernels] fused_loss does not support pipeline parallelism")
         if self.nan_guard.enabled:
             self.loss_fn = self.nan_guard.watch_loss(self.loss_fn)
             self.optimizers.step = self.nan_guard.guard_step(self.optimizers.step)
@@ -57,6 +63,25 @@ class TrinityTrainer(Trainer):
             self.checkpointer.save(step)
         finally:
             self.checkpointer.interval = interval
+
+    def post_dataloading_process(
+        self, input_dict: dict[str, torch.Tensor], labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
+        """With `[kernels] fused_loss`, hand the labels to the model: its head returns the loss
+        terms of the fused linear cross-entropy instead of logits."""
+        inputs, labels, extra_inputs, extra_kwargs = super().post_dataloading_process(
+            input_dict, labels
+        )
+        kernels = getattr(self.job_config, "kernels", None)
+        if kernels is not None and kernels.fused_loss:
+            extra_inputs["labels"] = labels
+            if not getattr(self, "_fused_loss_logged", False):
+                logger.info(
+                    "Fused linear cross-entropy: the LM head computes the loss "
+                    f"({self.model_args.kernel_backend} kernels)"
+                )
+                self._fused_loss_logged = True
+        return inputs, labels, extra_inputs, extra_kwargs
 
 
 if __name__ == "__main__":

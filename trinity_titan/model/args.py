@@ -12,6 +12,8 @@ from torchtitan.protocols.model import BaseModelArgs
 from torchtitan.tools.logging import logger
 from torchtitan.tools.utils import has_cuda_capability
 
+from trinity_titan.kernels.backend import resolve_backend
+
 AttnBackend = Literal["sdpa", "flex"]
 AttnMaskType = Literal["causal", "block_causal"]
 BalanceMethod = Literal["none", "aux_free", "smebu"]
@@ -72,6 +74,16 @@ class TrinityModelArgs(BaseModelArgs):
     init_std: float | None = None
     """Std of every weight's truncated normal (cut at +-3 std); None means 0.5 / sqrt(dim)."""
 
+    # Fused kernels (set from the [kernels] and [loss] TOML sections)
+    kernel_backend: Literal["torch", "liger"] = "torch"
+    """RMSNorm, SwiGLU and fused-loss implementation, resolved from `[kernels] backend`."""
+    loss_chunk_size: int = 1024
+    """Tokens per chunk of the fused linear cross-entropy's PyTorch path."""
+    z_loss_coeff: float = 0.0
+    """z-loss coefficient the fused loss uses (from `[loss] z_loss_coeff` when that exists)."""
+    fused_logit_stats: bool = True
+    """Exact max/mean logit in the fused Liger loss, at the cost of one more no-grad head matmul."""
+
     # ------------------------------------------------------------------ derived shapes
     @property
     def sigma(self) -> float:
@@ -122,6 +134,14 @@ class TrinityModelArgs(BaseModelArgs):
                 value = getattr(moe_cfg, f.name)
                 if value is not None and hasattr(self, f.name):
                     setattr(self, f.name, value)
+        kernels_cfg = getattr(job_config, "kernels", None)
+        if kernels_cfg is not None:
+            self.kernel_backend = resolve_backend(kernels_cfg.backend)
+            self.loss_chunk_size = kernels_cfg.loss_chunk_size
+            self.fused_logit_stats = kernels_cfg.fused_logit_stats
+        z_loss_coeff = getattr(getattr(job_config, "loss", None), "z_loss_coeff", None)
+        if z_loss_coeff is not None:
+            self.z_loss_coeff = z_loss_coeff
         if self.use_grouped_mm and not has_cuda_capability(9, 0):
             logger.info("torch._grouped_mm needs SM90+; routed experts use a per-expert loop")
             self.use_grouped_mm = False

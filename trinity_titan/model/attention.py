@@ -172,8 +172,8 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wg = nn.Linear(args.dim, inner, bias=False)
         self.wo = nn.Linear(inner, args.dim, bias=False)
-        self.q_norm = RMSNorm(args.head_dim, eps=args.norm_eps)
-        self.k_norm = RMSNorm(args.head_dim, eps=args.norm_eps)
+        self.q_norm = RMSNorm(args.head_dim, args.norm_eps, args.kernel_backend)
+        self.k_norm = RMSNorm(args.head_dim, args.norm_eps, args.kernel_backend)
         self.inner_attention = ATTENTION_KERNELS[args.attn_type]()
 
     def forward(

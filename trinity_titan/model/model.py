@@ -9,7 +9,7 @@ from torch import nn
 from torchtitan.components.tokenizer import BaseTokenizer
 from torchtitan.protocols.model import ModelProtocol
 
-from trinity_titan.kernels import RMSNorm
+from trinity_titan.kernels import LossTerms, RMSNorm
 from trinity_titan.model.args import TrinityModelArgs
 from trinity_titan.model.attention import (
     Attention,
@@ -19,6 +19,7 @@ from trinity_titan.model.attention import (
     precompute_rope_cache,
 )
 from trinity_titan.model.init import trunc_normal_3sigma_
+from trinity_titan.model.lm_head import TrinityLMHead
 from trinity_titan.model.moe import TrinityFeedForward, TrinityMoE
 
 
@@ -30,15 +31,17 @@ class TrinityBlock(nn.Module):
         self.layer_id = layer_id
         self.n_layers = args.n_layers
         self.moe_enabled = args.is_moe_layer(layer_id)
-        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps, args.kernel_backend)
         self.attention = Attention(args, layer_id)
-        self.post_attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
-        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.post_attention_norm = RMSNorm(args.dim, args.norm_eps, args.kernel_backend)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps, args.kernel_backend)
         if self.moe_enabled:
             self.moe = TrinityMoE(args)
         else:
-            self.feed_forward = TrinityFeedForward(args.dim, args.ffn_hidden_dim)
-        self.post_ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+            self.feed_forward = TrinityFeedForward(
+                args.dim, args.ffn_hidden_dim, backend=args.kernel_backend
+            )
+        self.post_ffn_norm = RMSNorm(args.dim, args.norm_eps, args.kernel_backend)
 
     def forward(
         self,
@@ -83,8 +86,8 @@ class TrinityModel(ModelProtocol):
         self.layers = nn.ModuleDict(
             {str(i): TrinityBlock(i, model_args) for i in range(model_args.n_layers)}
         )
-        self.norm = RMSNorm(model_args.dim, eps=model_args.norm_eps)
-        self.output = nn.Linear(model_args.dim, model_args.vocab_size, bias=False)
+        self.norm = RMSNorm(model_args.dim, model_args.norm_eps, model_args.kernel_backend)
+        self.output = TrinityLMHead(model_args)
 
     def _rope_cache(self, device: torch.device | None = None) -> torch.Tensor:
         a = self.model_args
@@ -130,8 +133,13 @@ class TrinityModel(ModelProtocol):
         tokens: torch.Tensor,
         attention_masks: TrinityMasks | None = None,
         positions: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """tokens [bs, seq] (or hidden states under pipeline stages) -> logits [bs, seq, vocab]."""
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor | LossTerms:
+        """tokens [bs, seq] (or hidden states under pipeline stages) -> logits [bs, seq, vocab].
+
+        With `labels` ([bs, seq]) the head returns the fused loss terms (`LossTerms`) instead of
+        logits, so the [tokens, vocab] logits are never materialised.
+        """
         if attention_masks is None:
             attention_masks = self.get_attention_masks(tokens)
         if self.tok_embeddings is not None:
@@ -144,4 +152,6 @@ class TrinityModel(ModelProtocol):
             h = layer(h, self.rope_cache, attention_masks, positions)
         if self.norm is not None:
             h = self.norm(h)
-        return self.output(h) if self.output is not None else h
+        if self.output is None:
+            return h
+        return self.output(h) if labels is None else self.output(h, labels)

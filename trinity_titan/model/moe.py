@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torchtitan.models.moe.moe import (
     FeedForward,
     GroupedExperts,
@@ -16,6 +17,7 @@ from torchtitan.models.moe.moe import (
     TokenChoiceTopKRouter,
     TokenReorderer,
 )
+from torchtitan.models.moe.utils import indices_padding_wrapper
 
 from trinity_titan.balance_loss import add_aux_loss, sequence_balance_loss
 from trinity_titan.kernels import silu_mul
@@ -34,8 +36,12 @@ def count_tokens(selected_experts: torch.Tensor, num_experts: int) -> torch.Tens
 class TrinityFeedForward(FeedForward):
     """SwiGLU w2(silu(w1 x) * w3 x): the dense FFN of the first layers and the shared expert."""
 
+    def __init__(self, dim: int, hidden_dim: int, backend: str = "torch") -> None:
+        super().__init__(dim, hidden_dim)
+        self.backend = backend
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(silu_mul(self.w1(x), self.w3(x)))
+        return self.w2(silu_mul(self.w1(x), self.w3(x), self.backend))
 
     def init_weights(self, init_std: float) -> None:
         for linear in (self.w1, self.w2, self.w3):
@@ -76,7 +82,55 @@ class TrinityReorderer(TokenReorderer):
 
 
 class TrinityExperts(GroupedExperts):
-    """Routed experts as 3-D weights: w1 (gate) [E, I, d], w2 (down) [E, d, I], w3 (up) [E, I, d]."""
+    """Routed experts as 3-D weights: w1 (gate) [E, I, d], w2 (down) [E, d, I], w3 (up) [E, I, d].
+
+    Same contract as TorchTitan's GroupedExperts (tokens sorted by expert, counts per expert;
+    under expert parallelism the weights are DTensors and the tokens already padded), with the
+    SwiGLU activation from `trinity_titan.kernels` so Liger's kernel can serve it.
+    """
+
+    def __init__(
+        self, dim: int, hidden_dim: int, num_experts: int, use_grouped_mm: bool, backend: str
+    ) -> None:
+        super().__init__(dim, hidden_dim, num_experts, use_grouped_mm)
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        w1, w2, w3 = self.w1, self.w2, self.w3
+        expert_parallel = isinstance(w1, DTensor) and "ep" in w1.device_mesh.mesh_dim_names
+        if isinstance(w1, DTensor):
+            # Token groups have data-dependent sizes: compute on the local expert shards.
+            w1, w2, w3 = w1.to_local(), w2.to_local(), w3.to_local()
+        if not self.use_grouped_mm:
+            return self._per_expert_loop(w1, w2, w3, x, num_tokens_per_expert)
+        if expert_parallel:  # the all-to-all dispatch already padded each group
+            return self._grouped_mm(w1, w2, w3, x, num_tokens_per_expert)
+        return indices_padding_wrapper(self._grouped_mm)(w1, w2, w3, x, num_tokens_per_expert)
+
+    def _swiglu(self, x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, mm) -> torch.Tensor:
+        return silu_mul(mm(x, w1), mm(x, w3), self.backend)
+
+    def _grouped_mm(self, w1, w2, w3, x, num_tokens_per_expert) -> torch.Tensor:
+        """torch._grouped_mm in bf16 over contiguous token groups (SM90+)."""
+        offsets = torch.cumsum(num_tokens_per_expert, dim=0, dtype=torch.int32)
+
+        def mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            return torch._grouped_mm(a, w.bfloat16().transpose(-2, -1), offs=offsets)
+
+        h = self._swiglu(x.bfloat16(), w1, w3, mm)
+        return mm(h, w2).type_as(x)
+
+    def _per_expert_loop(self, w1, w2, w3, x, num_tokens_per_expert) -> torch.Tensor:
+        """One matmul triple per expert (host sync on the counts); exact in any dtype."""
+        counts = num_tokens_per_expert.tolist()
+        used = sum(counts)
+        outs = []
+        for e, xe in enumerate(torch.split(x[:used], counts, dim=0)):
+            h = self._swiglu(xe, w1[e], w3[e], lambda a, w: a @ w.transpose(-2, -1))
+            outs.append(h @ w2[e].transpose(-2, -1))
+        # Rows past the counted tokens are padding (expert parallel): their output is zero.
+        outs.append(x.new_zeros((x.shape[0] - used, w2.shape[1])))
+        return torch.cat(outs, dim=0)
 
     def init_weights(self, init_std: float) -> None:
         for w in (self.w1, self.w2, self.w3):
@@ -127,9 +181,10 @@ class TrinityMoE(MoE):
             hidden_dim=args.moe_hidden_dim,
             num_experts=num_experts,
             use_grouped_mm=args.use_grouped_mm,
+            backend=args.kernel_backend,
         )
         self.shared_experts = TrinityFeedForward(
-            args.dim, args.moe_hidden_dim * args.num_shared_experts
+            args.dim, args.moe_hidden_dim * args.num_shared_experts, backend=args.kernel_backend
         )
         self.score_before_experts = False
         # TorchTitan's own bias-update hook keys on this; Trinity registers its own (balancing.py).
