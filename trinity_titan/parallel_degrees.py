@@ -184,3 +184,15 @@ def validate_parallelism(
             f"'{a.attn_mask_type}' (document masking); set --model.attn_mask_type causal"
         )
     return d
+
+
+def check_job_parallelism(job_config: Any, world_size: int) -> Degrees:
+    """Validate `job_config`'s layout for its model flavor before any process group exists."""
+    import copy
+
+    from torchtitan.protocols.train_spec import get_train_spec
+
+    spec = get_train_spec(job_config.model.name)
+    args = copy.deepcopy(spec.model_args[job_config.model.flavor])
+    args.update_from_config(job_config, world_size=world_size)
+    return resolve_degrees(job_config.parallelism, world_size)
