@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 
 # ---------------------------------------------------------------------------- layout
@@ -170,12 +171,12 @@ class ContextParallelAttention(nn.Module):
         mask: object,
         scale: float,
     ) -> torch.Tensor:
-        del mask  # built for the local shard by the model; CP masks come from true positions
+        del mask  # built by the model for the local shard; CP masks come from true positions
         seq_local = q.shape[2]
         seq_len = seq_local * self.cp
         positions = shard_positions(seq_len, self.cp, self.load_balance)
-        q_pos = positions[self.rank].to(q.device)
-        # collectives work on dim 0: [seq, bs, kv_heads, head_dim]
+        q_pos = positions[self.rank]
+        # collectives work on dim 0: [seq, 2 (k|v), bs, kv_heads, head_dim]
         kv = torch.stack((k, v)).permute(3, 0, 1, 2, 4)
         if self.window is not None and self.halo:
             send, halo = halo_plan(seq_len, self.cp, self.load_balance, self.window)
@@ -184,23 +185,45 @@ class ContextParallelAttention(nn.Module):
             recv_counts = [len(send[s][self.rank]) for s in range(self.cp)]
             received = _ExchangeRows.apply(kv, self.group, send_index, send_counts, recv_counts)
             kv = torch.cat((kv, received))
-            k_pos = torch.cat((q_pos, halo[self.rank].to(q.device)))
+            k_pos = torch.cat((q_pos, halo[self.rank]))
         else:
             kv = _AllGatherSeq.apply(kv, self.group)
-            k_pos = positions.flatten().to(q.device)
-        k, v = kv.permute(1, 2, 3, 0, 4).unbind(0)
-        dist_qk = q_pos[:, None] - k_pos[None, :]
-        allowed = dist_qk >= 0
-        if self.window is not None:
-            allowed = allowed & (dist_qk < self.window)
-        return F.scaled_dot_product_attention(
-            q,
-            k.contiguous(),
-            v.contiguous(),
-            attn_mask=allowed,
-            scale=scale,
-            enable_gqa=k.shape[1] != q.shape[1],
-        )
+            k_pos = positions.flatten()
+        # keys in position order: each query chunk then needs one contiguous range of them
+        k_pos, order = torch.sort(k_pos)
+        kv = kv.index_select(0, order.to(q.device)).permute(1, 2, 3, 0, 4)
+        outs = []
+        for start, end, first in _runs(q_pos, max(1, seq_len // (2 * self.cp))):
+            lo = 0 if self.window is None else max(0, first - self.window + 1)
+            k_lo = int(torch.searchsorted(k_pos, lo))
+            k_hi = int(torch.searchsorted(k_pos, first + (end - start)))
+            q_run = q[:, :, start:end]
+            k_run, v_run = kv[0, :, :, k_lo:k_hi], kv[1, :, :, k_lo:k_hi]
+            if self.window is None:
+                # the chunk sees every earlier key and itself causally: a lower-right causal mask
+                bias = causal_lower_right(end - start, k_hi - k_lo)
+            else:
+                rel = torch.arange(end - start)[:, None] + (first - lo) - torch.arange(k_hi - k_lo)
+                bias = ((rel >= 0) & (rel < self.window)).to(q.device)
+            outs.append(
+                F.scaled_dot_product_attention(
+                    q_run,
+                    k_run,
+                    v_run,
+                    attn_mask=bias,
+                    scale=scale,
+                    enable_gqa=k_run.shape[1] != q.shape[1],
+                )
+            )
+        return torch.cat(outs, dim=2)
+
+
+def _runs(q_pos: torch.Tensor, max_len: int) -> list[tuple[int, int, int]]:
+    """(start, end, first position) of runs of consecutive positions, at most `max_len` long."""
+    breaks = {0, len(q_pos), *range(max_len, len(q_pos), max_len)}
+    breaks.update(((q_pos[1:] - q_pos[:-1]) != 1).nonzero().flatten().add(1).tolist())
+    edges = sorted(breaks)
+    return [(a, b, int(q_pos[a])) for a, b in zip(edges[:-1], edges[1:], strict=True)]
 
 
 def apply_context_parallel(

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from trinity_titan.context_parallel import _runs, shard_positions
+
 GiB = 1024**3
 
 
@@ -96,39 +98,43 @@ class ActivationShape:
 
 
 def attention_bytes(args, s: ActivationShape, is_local: bool) -> dict[str, int]:
-    """Saved-for-backward bytes of one attention op on one rank, by tensor.
+    """Saved-for-backward bytes of one attention op on the busiest rank, by tensor.
 
-    q, k, v (local heads), the output and its fp32 log-sum-exp; under CP the gathered or halo
-    keys/values; and the explicit bool mask where the kernel takes one (SDPA local layers, and
-    every layer of Trinity's CP attention, whose masks come from token positions).
+    q, k, v (local heads), the output and its fp32 log-sum-exp; under CP the gathered (global
+    layers) or local + halo (local layers) keys/values; and the additive mask where the kernel
+    takes one: SDPA's sliding-window mask without CP ([S, S]), and under CP a [L, L + W - 1]
+    window mask per query chunk of length L (global layers use a lower-right causal bias, no
+    mask). Attention kernels keep a boolean mask as an additive one in the compute dtype.
     """
     b, e = s.batch, s.compute_bytes
     q_tokens = s.seq_len // s.cp
     heads, kv_heads = args.n_heads // s.tp, args.n_kv_heads // s.tp
-    hd = args.head_dim
+    hd, window = args.head_dim, args.sliding_window
     if s.cp > 1:
-        if is_local and s.cp_impl == "allgather_halo":
-            k_tokens = q_tokens + _halo_tokens(s.seq_len, s.cp, args.sliding_window)
-        else:
-            k_tokens = s.seq_len
-        mask = q_tokens * k_tokens
+        worst = (0, 0)
+        for rank_pos in shard_positions(s.seq_len, s.cp, True):
+            runs = [(b_ - a, first) for a, b_, first in _runs(rank_pos, s.seq_len // (2 * s.cp))]
+            if is_local and s.cp_impl == "allgather_halo":
+                needed = {p for n, first in runs for p in range(max(0, first - window + 1), first)}
+                k_tokens = q_tokens + len(needed - set(rank_pos.tolist()))
+            else:
+                k_tokens = s.seq_len
+            mask = sum(n * (n + min(window - 1, first)) for n, first in runs) if is_local else 0
+            worst = (max(worst[0], k_tokens), max(worst[1], mask))
+        k_tokens, mask = worst
     else:
         k_tokens = s.seq_len
-        needs_mask = is_local and s.attn_type == "sdpa" and s.seq_len > args.sliding_window
+        needs_mask = is_local and s.attn_type == "sdpa" and s.seq_len > window
         mask = q_tokens * k_tokens if needs_mask else 0
     return {
         "q": b * q_tokens * heads * hd * e,
         "kv": 2 * b * k_tokens * kv_heads * hd * e,
         "out": b * q_tokens * heads * hd * e,
         "lse": b * q_tokens * heads * 4,
-        "mask": mask,
+        "mask": mask * e,
+        # int64 key order (and rows sent to neighbours, about the halo size)
+        "index": 8 * (2 * k_tokens - q_tokens if is_local else k_tokens) if s.cp > 1 else 0,
     }
-
-
-def _halo_tokens(seq_len: int, cp: int, window: int) -> int:
-    """Keys a rank receives for its two head-tail chunks (at most W-1 before each)."""
-    chunk = seq_len // (2 * cp)
-    return 2 * min(window - 1, seq_len) if window - 1 <= chunk else 2 * (window - 1)
 
 
 def block_activation_bytes(args, s: ActivationShape, layer_id: int) -> int:
