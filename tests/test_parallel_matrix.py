@@ -39,16 +39,21 @@ def _degrees(rep=1, shard=1, tp=1, ep=1, cp=1) -> tuple[str, ...]:
     )
 
 
-# name: (ranks, data-parallel degree, degrees, a line the log must contain)
+AC = ("--activation_checkpoint.mode", "full")
+COMPILE = ("--compile.enable", "--compile.backend", "aot_eager")
+
+# name: (ranks, data-parallel degree, degrees and options, a line the log must contain).
+# Some layouts also turn on activation checkpointing and torch.compile (aot_eager: no C++
+# toolchain needed), which must not change the losses either.
 LAYOUTS = {
     "fsdp2": (2, 2, _degrees(shard=2), "Applied FSDP"),
     "hsdp2x2": (4, 4, _degrees(rep=2, shard=2), "Applied HSDP"),
     "ep2": (2, 2, _degrees(shard=2, ep=2), "Applied FSDP"),
-    "tp2": (2, 1, _degrees(tp=2), "Applied tensor parallelism"),
+    "tp2": (2, 1, _degrees(tp=2) + COMPILE, "Compiling each TransformerBlock"),
     "fsdp2_ep2": (4, 4, _degrees(shard=4, ep=2), "Applied FSDP"),
     "hsdp2x2_ep2": (4, 4, _degrees(rep=2, shard=2, ep=2), "Applied HSDP"),
-    "fsdp2_tp2_ep2": (4, 2, _degrees(shard=2, tp=2, ep=2), "Applied tensor parallelism"),
-    "cp2": (2, 1, _degrees(cp=2), "Trinity context parallelism (allgather_halo)"),
+    "fsdp2_tp2_ep2": (4, 2, _degrees(shard=2, tp=2, ep=2) + AC, "Applied tensor parallelism"),
+    "cp2": (2, 1, _degrees(cp=2) + AC + COMPILE, "modules around the CP attention op"),
     "fsdp2_cp2": (4, 2, _degrees(shard=2, cp=2), "Trinity context parallelism (allgather_halo)"),
 }
 

@@ -239,3 +239,30 @@ def apply_context_parallel(
             load_balance=load_balance,
             halo=impl == "allgather_halo",
         )
+
+
+def apply_compile_around_cp(model: nn.Module, backend: str) -> None:
+    """torch.compile every module of each block except the CP attention op itself.
+
+    The op's plan (Python-side positions, variable chunk loop, process-group collectives) is
+    not fullgraph-traceable, so it stays eager; its neighbours (projections, norms, QK-norm,
+    FFN, router, shared experts) are compiled with fullgraph=True. Routed experts stay eager as
+    in TorchTitan (their FSDP hooks).
+    """
+    for block in model.layers.values():
+        inner = getattr(block, "_checkpoint_wrapped_module", block)
+        for name, child in list(inner.named_children()):
+            if name == "attention":
+                for sub_name, sub in list(child.named_children()):
+                    if sub_name != "inner_attention":
+                        setattr(
+                            child, sub_name, torch.compile(sub, backend=backend, fullgraph=True)
+                        )
+            elif name == "moe":
+                for sub_name, sub in list(child.named_children()):
+                    if sub_name != "experts":
+                        setattr(
+                            child, sub_name, torch.compile(sub, backend=backend, fullgraph=True)
+                        )
+            else:
+                setattr(inner, name, torch.compile(child, backend=backend, fullgraph=True))

@@ -17,28 +17,21 @@ Both are identity in the forward pass.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Partial, Replicate
 from torchtitan.models.llama4.infra.parallelize import apply_moe_ep_tp
 
 
-class _SumGradOverGroup(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-        ctx.group = group
-        return x.view_as(x)
+def sum_grad_over(x: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+    """Identity forward; all-reduce (sum) of the gradient over the 1-D `mesh` in backward.
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
-def sum_grad_over(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """Identity forward; all-reduce (sum) of the gradient over `group` in backward."""
-    return _SumGradOverGroup.apply(x, group)
+    Written with DTensor (a replicated tensor whose gradient is declared Partial), as TorchTitan's
+    MoE tensor parallelism does, so that torch.compile traces it.
+    """
+    return DTensor.from_local(x, mesh, (Replicate(),), run_check=False).to_local(
+        grad_placements=(Partial(),)
+    )
 
 
 def apply_trinity_moe_ep_tp(
@@ -54,17 +47,16 @@ def apply_trinity_moe_ep_tp(
     )
     if tp_mesh is None:
         return
-    group = tp_mesh.get_group()
     tokens_split = ep_mesh is not None and etp_mesh is None
     for block in model.layers.values():
         if not block.moe_enabled:
             continue
         # after NoParallel's output hook, so the output is a local tensor
         block.moe.router.gate.register_forward_hook(
-            lambda _mod, _inp, out, g=group: sum_grad_over(out, g)
+            lambda _mod, _inp, out, m=tp_mesh: sum_grad_over(out, m)
         )
         if tokens_split:
-            _RoutedInputFromSummedGrad(block.moe, group)
+            _RoutedInputFromSummedGrad(block.moe, tp_mesh)
 
 
 class _RoutedInputFromSummedGrad:
@@ -77,8 +69,8 @@ class _RoutedInputFromSummedGrad:
     after TorchTitan's offset to global indices).
     """
 
-    def __init__(self, moe: nn.Module, group: dist.ProcessGroup) -> None:
-        self.group, self.top_k = group, moe.router.top_k
+    def __init__(self, moe: nn.Module, mesh: DeviceMesh) -> None:
+        self.mesh, self.top_k = mesh, moe.router.top_k
         self.x: torch.Tensor | None = None
         self.indices: torch.Tensor | None = None
         moe.register_forward_pre_hook(self._capture_input)
@@ -95,5 +87,5 @@ class _RoutedInputFromSummedGrad:
     def _regather(self, _mod, args):
         x, self.x = self.x, None
         indices, self.indices = self.indices, None
-        routed = sum_grad_over(x.reshape(-1, x.shape[-1]), self.group)[indices // self.top_k]
+        routed = sum_grad_over(x.reshape(-1, x.shape[-1]), self.mesh)[indices // self.top_k]
         return (routed, *args[1:])

@@ -16,7 +16,7 @@ from torchtitan.models.llama4.infra.parallelize import (
 )
 from torchtitan.tools.logging import logger
 
-from trinity_titan.context_parallel import apply_context_parallel
+from trinity_titan.context_parallel import apply_compile_around_cp, apply_context_parallel
 from trinity_titan.moe_tensor_parallel import apply_trinity_moe_ep_tp
 from trinity_titan.parallel_degrees import validate_parallelism
 from trinity_titan.tensor_parallel import apply_trinity_tp
@@ -67,7 +67,10 @@ def parallelize_trinity(
             op_sac_save_list=_op_sac_save_list,
             base_folder=job_config.job.dump_folder,
         )
-    if compile_model:
+    if compile_model and parallel_dims.cp_enabled:
+        apply_compile_around_cp(model, job_config.compile.backend)
+        logger.info("Compiled each block's modules around the CP attention op")
+    elif compile_model:
         apply_compile(model, job_config.compile, parallel_dims.ep_enabled)
 
     if parallel_dims.fsdp_enabled or parallel_dims.ep_enabled:
