@@ -8,6 +8,7 @@ exercises both the key/value all-gather (global layer) and the halo exchange (lo
 from __future__ import annotations
 
 import pytest
+import torch
 from torchrun_utils import from_seed, make_seed_checkpoint, run_train
 
 pytestmark = pytest.mark.slow
@@ -79,9 +80,26 @@ def baseline(tmp_path_factory, seed):
     return losses
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+FLEX = ("--model.attn_type", "flex")
+# FlexAttention has no CPU backward: these run only where there is a GPU per rank.
+FLEX_LAYOUTS = {
+    "flex_fsdp2": (2, 2, _degrees(shard=2) + FLEX, "Applied FSDP"),
+    "flex_tp2": (2, 1, _degrees(tp=2) + FLEX, "Applied tensor parallelism"),
+    "flex_fsdp2_ep2": (2, 2, _degrees(shard=2, ep=2) + FLEX, "Applied FSDP"),
+}
+GPUS = torch.cuda.device_count()
+
+
+@pytest.mark.parametrize(
+    "layout",
+    list(LAYOUTS)
+    + [
+        pytest.param(name, marks=pytest.mark.skipif(GPUS < 2, reason="FlexAttention needs CUDA"))
+        for name in FLEX_LAYOUTS
+    ],
+)
 def test_layout_matches_one_rank(tmp_path, seed, baseline, layout):
-    nproc, dp, degrees, marker = LAYOUTS[layout]
+    nproc, dp, degrees, marker = {**LAYOUTS, **FLEX_LAYOUTS}[layout]
     losses, log = run_train(
         tmp_path,
         nproc,
