@@ -54,6 +54,12 @@ LAYOUTS = {
     "fsdp2_ep2": (4, 4, _degrees(shard=4, ep=2), "Applied FSDP"),
     "hsdp2x2_ep2": (4, 4, _degrees(rep=2, shard=2, ep=2), "Applied HSDP"),
     "fsdp2_tp2_ep2": (4, 2, _degrees(shard=2, tp=2, ep=2) + AC, "Applied tensor parallelism"),
+    "fsdp2_tp2_ep2_etp2": (
+        4,
+        2,
+        _degrees(shard=2, tp=2, ep=2) + ("--parallelism.expert_tensor_parallel_degree", "2"),
+        "Applied tensor parallelism",
+    ),
     "cp2": (2, 1, _degrees(cp=2) + AC + COMPILE, "modules around the CP attention op"),
     "fsdp2_cp2": (4, 2, _degrees(shard=2, cp=2), "Trinity context parallelism (allgather_halo)"),
 }

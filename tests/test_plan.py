@@ -29,7 +29,7 @@ def test_large_on_2048_ranks_fits_a_b300():
     assert "dp_replicate 16 x dp_shard 128" in out and "ep 8 (expert FSDP 16)" in out
     assert "2 whole expert matrices" in out
     # per rank: 398.6B / (128 x 8) routed, 1/128 of the rest, fp32 -> about 12.5 GB
-    params_gb = float(re.search(r"parameters \(fp32.*?([\d.]+) GB", out).group(1))
+    params_gb = float(re.search(r"parameters \(float32.*?([\d.]+) GB", out).group(1))
     assert 12.0 < params_gb < 13.0
     used = float(re.search(r"total\s+([\d.]+) GB\s+of 288 GB", out).group(1))
     assert used < 288 and out.strip().endswith("FITS")

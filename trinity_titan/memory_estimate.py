@@ -38,6 +38,7 @@ class ModelStateBytes:
     params_local: int = 0
     """Parameters held by this rank (elements)."""
     details: dict[str, int] = field(default_factory=dict)
+    """Optimizer state by optimizer: 'muon' (momentum) and 'adamw' (two moments)."""
 
 
 def model_state_bytes(
@@ -56,8 +57,12 @@ def model_state_bytes(
         out.params_local += n
         out.params += n * param_bytes
         out.grads += n * param_bytes
-        buffers = 1 if muon and is_muon_param(name, p) else 2
+        if muon and is_muon_param(name, p):
+            key, buffers = "muon", 1
+        else:
+            key, buffers = "adamw", 2
         out.optimizer += n * buffers * state_bytes
+        out.details[key] = out.details.get(key, 0) + n * buffers * state_bytes
     return out
 
 

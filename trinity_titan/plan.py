@@ -56,6 +56,10 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:8.2f} GB"
 
 
+def _row(label: str, n: int) -> str:
+    return f"  {label:<34}{_gb(n)}"
+
+
 def make_plan(job_config: JobConfig, world_size: int, gpu_memory_gb: float = B300_GB) -> Plan:
     """Validate, parallelise on meta under a fake process group, and account memory per rank."""
     spec = get_train_spec(job_config.model.name)
@@ -83,7 +87,11 @@ def make_plan(job_config: JobConfig, world_size: int, gpu_memory_gb: float = B30
             model = spec.model_cls(args)
         model = spec.parallelize_fn(model, parallel_dims, job_config)
         compute = DTYPE_BYTES[job_config.training.mixed_precision_param]
-        state = model_state_bytes(model, job_config.optimizer.name)
+        state = model_state_bytes(
+            model,
+            job_config.optimizer.name,
+            param_bytes=DTYPE_BYTES[job_config.training.dtype],
+        )
         buffers = fsdp_buffer_bytes(model, compute_bytes=compute)
     finally:
         if created:
@@ -128,14 +136,19 @@ def make_plan(job_config: JobConfig, world_size: int, gpu_memory_gb: float = B30
         f"optimizer: {job_config.optimizer.name}; sequence {t.seq_len} x local batch "
         f"{t.local_batch_size}; activation checkpointing '{job_config.activation_checkpoint.mode}'",
         "per rank:",
-        f"  parameters (fp32, {state.params_local / 1e9:.3f}B)  {_gb(state.params)}",
-        f"  gradients (fp32)                  {_gb(state.grads)}",
-        f"  optimizer state                   {_gb(state.optimizer)}",
-        f"  FSDP all-gather/reduce buffers    {_gb(buffers)}",
-        f"  activations (estimate)            {_gb(acts['blocks'])}",
-        f"  logits + grad (fp32)              {_gb(acts['logits'])}",
-        f"  total                             {_gb(total)}  of {gpu_memory_gb:.0f} GB "
-        f"({100 * total / capacity:.1f}%)",
+        _row(f"parameters ({t.dtype}, {state.params_local / 1e9:.3f}B)", state.params),
+        _row(f"gradients ({t.dtype})", state.grads),
+        _row("optimizer state", state.optimizer)
+        + "  ("
+        + ", ".join(
+            f"{k}: {v / 1e9:.2f} GB" if k == "adamw" else f"{k} momentum: {v / 1e9:.2f} GB"
+            for k, v in sorted(state.details.items(), reverse=True)
+        )
+        + ")",
+        _row("FSDP all-gather/reduce buffers", buffers),
+        _row("activations (estimate)", acts["blocks"]),
+        _row("logits + grad (fp32)", acts["logits"]),
+        _row("total", total) + f"  of {gpu_memory_gb:.0f} GB ({100 * total / capacity:.1f}%)",
         f"attention per rank at {t.seq_len} tokens, kept for backward by all layers without "
         f"activation checkpointing: "
         f"{attn_all / GiB:.2f} GiB; one global layer {sum(attn_global.values()) / GiB:.3f} GiB "
