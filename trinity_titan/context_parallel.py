@@ -9,7 +9,10 @@ layout TorchTitan's trainer shards inputs, labels and positions with), so causal
   keys/values before each of its chunks. They come from the ranks that own them through one
   all-to-all (a neighbour exchange); nothing else moves.
 
-Masks are built from the true token positions, so the result equals single-rank attention.
+Each query chunk then runs its own attention call over the contiguous range of keys it may see,
+with masks from the true token positions, so the result equals single-rank attention: global
+layers use a lower-right causal bias (no mask tensor in CUDA flash kernels), local layers a small
+[L, L + W - 1] window mask per chunk of L queries.
 `parallelize_trinity` swaps each block's `attention.inner_attention` for
 `ContextParallelAttention`; the model code is unchanged.
 """
@@ -73,6 +76,11 @@ def halo_plan(
 
 
 # ---------------------------------------------------------------------------- collectives
+# torch 2.13 renames the tensor-in/tensor-out collectives; older releases have the old names.
+_all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+_reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+
+
 def _is_nccl(group: dist.ProcessGroup) -> bool:
     return dist.get_backend(group) == "nccl"
 
@@ -86,7 +94,7 @@ class _AllGatherSeq(torch.autograd.Function):
         world = dist.get_world_size(group)
         x = x.contiguous()
         out = x.new_empty((world * x.shape[0], *x.shape[1:]))
-        dist.all_gather_into_tensor(out, x, group=group)
+        _all_gather(out, x, group=group)
         return out
 
     @staticmethod
@@ -97,7 +105,7 @@ class _AllGatherSeq(torch.autograd.Function):
         n = grad.shape[0] // world
         if _is_nccl(group):
             out = grad.new_empty((n, *grad.shape[1:]))
-            dist.reduce_scatter_tensor(out, grad, group=group)
+            _reduce_scatter(out, grad, group=group)
             return out, None
         # gloo has no reduce-scatter: all-reduce, then keep this rank's slice
         dist.all_reduce(grad, group=group)
