@@ -101,6 +101,7 @@ def main():
                 assert masks == formula["mask"], (masks, formula)
             # global layers: CPU kernels materialise the lower-right causal bias that GPU
             # flash attention applies without a mask, so it is printed but not in the formula
+    dist.barrier()  # gloo aborts ("terminate called") if a rank tears down while others talk
     dist.destroy_process_group()
 
 
