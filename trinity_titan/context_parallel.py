@@ -201,7 +201,7 @@ class ContextParallelAttention(nn.Module):
         k_pos, order = torch.sort(k_pos)
         kv = kv.index_select(0, order.to(q.device)).permute(1, 2, 3, 0, 4)
         outs = []
-        for start, end, first in _runs(q_pos, max(1, seq_len // (2 * self.cp))):
+        for start, end, first in query_runs(q_pos, max(1, seq_len // (2 * self.cp))):
             lo = 0 if self.window is None else max(0, first - self.window + 1)
             k_lo = int(torch.searchsorted(k_pos, lo))
             k_hi = int(torch.searchsorted(k_pos, first + (end - start)))
@@ -226,7 +226,7 @@ class ContextParallelAttention(nn.Module):
         return torch.cat(outs, dim=2)
 
 
-def _runs(q_pos: torch.Tensor, max_len: int) -> list[tuple[int, int, int]]:
+def query_runs(q_pos: torch.Tensor, max_len: int) -> list[tuple[int, int, int]]:
     """(start, end, first position) of runs of consecutive positions, at most `max_len` long."""
     breaks = {0, len(q_pos), *range(max_len, len(q_pos), max_len)}
     breaks.update(((q_pos[1:] - q_pos[:-1]) != 1).nonzero().flatten().add(1).tolist())

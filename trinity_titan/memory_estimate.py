@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from trinity_titan.context_parallel import _runs, shard_positions
+from trinity_titan.context_parallel import query_runs, shard_positions
 
 GiB = 1024**3
 
@@ -118,7 +118,9 @@ def attention_bytes(args, s: ActivationShape, is_local: bool) -> dict[str, int]:
     if s.cp > 1:
         worst = (0, 0)
         for rank_pos in shard_positions(s.seq_len, s.cp, True):
-            runs = [(b_ - a, first) for a, b_, first in _runs(rank_pos, s.seq_len // (2 * s.cp))]
+            runs = [
+                (b_ - a, first) for a, b_, first in query_runs(rank_pos, s.seq_len // (2 * s.cp))
+            ]
             if is_local and s.cp_impl == "allgather_halo":
                 needed = {p for n, first in runs for p in range(max(0, first - window + 1), first)}
                 k_tokens = q_tokens + len(needed - set(rank_pos.tolist()))

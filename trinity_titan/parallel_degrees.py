@@ -8,11 +8,13 @@ planner (`python -m trinity_titan.plan`).
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch.distributed as dist
+from torchtitan.protocols.train_spec import get_train_spec
 
 
 class ParallelConfigError(ValueError):
@@ -188,10 +190,6 @@ def validate_parallelism(
 
 def check_job_parallelism(job_config: Any, world_size: int) -> Degrees:
     """Validate `job_config`'s layout for its model flavor before any process group exists."""
-    import copy
-
-    from torchtitan.protocols.train_spec import get_train_spec
-
     spec = get_train_spec(job_config.model.name)
     args = copy.deepcopy(spec.model_args[job_config.model.flavor])
     args.update_from_config(job_config, world_size=world_size)
