@@ -69,3 +69,24 @@ def make_seed_checkpoint(dump_folder: Path, *overrides: str) -> Path:
 def from_seed(seed: Path) -> tuple[str, ...]:
     """Overrides that start a run from `seed` (model weights only)."""
     return ("--checkpoint.enable", "--checkpoint.initial_load_path", str(seed))
+
+
+def run_workers(script: Path, nproc: int, *args: str, timeout: int = 300) -> str:
+    """Run a worker script under torchrun (gloo on CPU); fail with its log if any rank fails."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--standalone",
+        str(script),
+        *args,
+    ]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    log = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise AssertionError(f"workers failed (exit {proc.returncode}):\n{log[-6000:]}")
+    return log

@@ -179,6 +179,17 @@ class Kernels:
 
 
 @dataclass
+class Parallelism:
+    """Trinity's addition to TorchTitan's [parallelism] section."""
+
+    context_parallel_impl: Literal["allgather_halo", "allgather"] = "allgather_halo"
+    """Trinity's context-parallel attention, built from plain collectives (gloo and NCCL).
+    'allgather_halo': global layers all-gather keys/values, local (sliding-window) layers
+    receive only the W-1 keys/values before each chunk from their neighbours.
+    'allgather': every layer all-gathers keys/values (more memory; a reference)."""
+
+
+@dataclass
 class JobConfig:
     model: Model = field(default_factory=Model)
     moe: MoE = field(default_factory=MoE)
@@ -188,3 +199,4 @@ class JobConfig:
     optimizer: Optimizer = field(default_factory=Optimizer)
     data: Data = field(default_factory=Data)
     kernels: Kernels = field(default_factory=Kernels)
+    parallelism: Parallelism = field(default_factory=Parallelism)

@@ -13,37 +13,52 @@ from torchtitan.models.llama4.infra.parallelize import (
     _op_sac_save_list,
     apply_compile,
     apply_fsdp,
-    apply_moe_ep_tp,
 )
 from torchtitan.tools.logging import logger
 
 from trinity_titan.balance_loss import set_balance_loss_weight
+from trinity_titan.context_parallel import apply_compile_around_cp, apply_context_parallel
+from trinity_titan.moe_tensor_parallel import apply_trinity_moe_ep_tp
+from trinity_titan.parallel_degrees import validate_parallelism
+from trinity_titan.tensor_parallel import apply_trinity_tp
 
 
 def parallelize_trinity(
     model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig
 ) -> nn.Module:
-    """Expert parallel, activation checkpointing, torch.compile, then FSDP/HSDP (or DDP)."""
-    if parallel_dims.tp_enabled or parallel_dims.cp_enabled:
-        raise NotImplementedError(
-            "Trinity does not support tensor or context parallelism yet; "
-            "set --parallelism.tensor_parallel_degree 1 --parallelism.context_parallel_degree 1"
-        )
-    if job_config.training.seq_len % parallel_dims.seq_len_divisor:
-        raise ValueError(
-            f"training.seq_len ({job_config.training.seq_len}) must be divisible by "
-            f"{parallel_dims.seq_len_divisor} (TP degree x 2 x CP degree)"
-        )
+    """TP, expert parallel, context parallel, activation checkpointing, torch.compile, then
+    FSDP/HSDP (or DDP), each with TorchTitan's own machinery where it has one."""
+    validate_parallelism(
+        model.model_args,
+        job_config.parallelism,
+        job_config.training.seq_len,
+        parallel_dims.world_size,
+    )
 
     set_balance_loss_weight(model, job_config, parallel_dims)
-    if parallel_dims.ep_enabled:
-        apply_moe_ep_tp(
-            model,
-            tp_mesh=None,
-            ep_mesh=parallel_dims.get_mesh("ep"),
-            etp_mesh=None,
-            ep_etp_mesh=None,
+    tp_mesh = parallel_dims.get_optional_mesh("tp")
+    if tp_mesh is not None:
+        apply_trinity_tp(
+            model, tp_mesh, loss_parallel=not job_config.parallelism.disable_loss_parallel
         )
+    if parallel_dims.tp_enabled or parallel_dims.ep_enabled:
+        apply_trinity_moe_ep_tp(
+            model,
+            tp_mesh=tp_mesh,
+            ep_mesh=parallel_dims.get_optional_mesh("ep"),
+            etp_mesh=parallel_dims.get_optional_mesh("etp"),
+            ep_etp_mesh=parallel_dims.get_optional_mesh(["ep", "etp"]),
+        )
+    if parallel_dims.cp_enabled:
+        cp_mesh = parallel_dims.get_mesh("cp")
+        impl = getattr(job_config.parallelism, "context_parallel_impl", "allgather_halo")
+        apply_context_parallel(
+            model,
+            cp_mesh.get_group(),
+            load_balance=job_config.parallelism.context_parallel_load_balancer == "headtail",
+            impl=impl,
+        )
+        logger.info("Applied Trinity context parallelism (%s) to the model", impl)
 
     compile_model = job_config.compile.enable and "model" in job_config.compile.components
     if job_config.activation_checkpoint.mode != "none":
@@ -54,7 +69,10 @@ def parallelize_trinity(
             op_sac_save_list=_op_sac_save_list,
             base_folder=job_config.job.dump_folder,
         )
-    if compile_model:
+    if compile_model and parallel_dims.cp_enabled:
+        apply_compile_around_cp(model, job_config.compile.backend)
+        logger.info("Compiled each block's modules around the CP attention op")
+    elif compile_model:
         apply_compile(model, job_config.compile, parallel_dims.ep_enabled)
 
     if parallel_dims.fsdp_enabled or parallel_dims.ep_enabled:

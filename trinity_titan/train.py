@@ -7,15 +7,18 @@ training loop itself: the fused linear cross-entropy (`[kernels] fused_loss`), t
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 from torchtitan.config import JobConfig
+from torchtitan.distributed import ParallelDims
 from torchtitan.tools.logging import logger
 from torchtitan.train import Trainer, main
 
 from trinity_titan.data.ramp import BatchRamp, mark_ramp_supported
 from trinity_titan.nan_guard import NanGuard
+from trinity_titan.parallel_degrees import check_job_parallelism
 
 
 class TrinityTrainer(Trainer):
@@ -82,6 +85,11 @@ class TrinityTrainer(Trainer):
                 )
                 self._fused_loss_logged = True
         return inputs, labels, extra_inputs, extra_kwargs
+
+    def init_distributed(self) -> ParallelDims:
+        # Trinity's layout checks (one message naming the option) before any mesh is built.
+        check_job_parallelism(self.job_config, int(os.environ["WORLD_SIZE"]))
+        return super().init_distributed()
 
 
 if __name__ == "__main__":

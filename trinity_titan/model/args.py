@@ -13,6 +13,7 @@ from torchtitan.tools.logging import logger
 from torchtitan.tools.utils import has_cuda_capability
 
 from trinity_titan.kernels.backend import resolve_backend
+from trinity_titan.parallel_degrees import validate_parallelism, world_size_from_env
 
 AttnBackend = Literal["sdpa", "flex"]
 AttnMaskType = Literal["causal", "block_causal"]
@@ -146,6 +147,9 @@ class TrinityModelArgs(BaseModelArgs):
             logger.info("torch._grouped_mm needs SM90+; routed experts use a per-expert loop")
             self.use_grouped_mm = False
         self.validate()
+        world_size = kwargs.get("world_size") or world_size_from_env()
+        if world_size is not None:
+            validate_parallelism(self, job_config.parallelism, self.max_seq_len, world_size)
 
     def get_nparams_and_flops(self, model: nn.Module, seq_len: int) -> tuple[int, int]:
         """Total parameters and training FLOPs per token (6 x active non-embedding params + attention).

@@ -1,0 +1,123 @@
+"""Every parallel layout trains like one rank: first 5 losses of `torchrun -m torchtitan.train`
+(CPU, gloo, fp32) from the same seed checkpoint and the same global batches.
+
+The debug model's sequence (128) is four sliding windows (32) long, so context parallelism
+exercises both the key/value all-gather (global layer) and the halo exchange (local layers).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchrun_utils import from_seed, make_seed_checkpoint, run_train
+
+pytestmark = pytest.mark.slow
+
+STEPS = 5
+GLOBAL_BATCH = 4
+COMMON = (
+    "--training.steps",
+    str(STEPS),
+    "--training.global_batch_size",
+    str(GLOBAL_BATCH),
+    "--lr_scheduler.warmup_steps",
+    "2",
+)
+
+
+def _degrees(rep=1, shard=1, tp=1, ep=1, cp=1) -> tuple[str, ...]:
+    return (
+        "--parallelism.data_parallel_replicate_degree",
+        str(rep),
+        "--parallelism.data_parallel_shard_degree",
+        str(shard),
+        "--parallelism.tensor_parallel_degree",
+        str(tp),
+        "--parallelism.expert_parallel_degree",
+        str(ep),
+        "--parallelism.context_parallel_degree",
+        str(cp),
+    )
+
+
+AC = ("--activation_checkpoint.mode", "full")
+COMPILE = ("--compile.enable", "--compile.backend", "aot_eager")
+
+# name: (ranks, data-parallel degree, degrees and options, a line the log must contain).
+# Some layouts also turn on activation checkpointing and torch.compile (aot_eager: no C++
+# toolchain needed), which must not change the losses either.
+LAYOUTS = {
+    "fsdp2": (2, 2, _degrees(shard=2), "Applied FSDP"),
+    "hsdp2x2": (4, 4, _degrees(rep=2, shard=2), "Applied HSDP"),
+    "ep2": (2, 2, _degrees(shard=2, ep=2), "Applied FSDP"),
+    "tp2": (2, 1, _degrees(tp=2) + COMPILE, "Compiling each TransformerBlock"),
+    "fsdp2_ep2": (4, 4, _degrees(shard=4, ep=2), "Applied FSDP"),
+    "hsdp2x2_ep2": (4, 4, _degrees(rep=2, shard=2, ep=2), "Applied HSDP"),
+    "fsdp2_tp2_ep2": (4, 2, _degrees(shard=2, tp=2, ep=2) + AC, "Applied tensor parallelism"),
+    "fsdp2_tp2_ep2_etp2": (
+        4,
+        2,
+        _degrees(shard=2, tp=2, ep=2) + ("--parallelism.expert_tensor_parallel_degree", "2"),
+        "Applied tensor parallelism",
+    ),
+    "cp2": (2, 1, _degrees(cp=2) + AC + COMPILE, "modules around the CP attention op"),
+    "tp2_cp2_ep2": (4, 1, _degrees(tp=2, cp=2, ep=2), "Trinity context parallelism"),
+    "fsdp2_cp2": (4, 2, _degrees(shard=2, cp=2), "Trinity context parallelism (allgather_halo)"),
+}
+
+
+@pytest.fixture(scope="module")
+def seed(tmp_path_factory):
+    return make_seed_checkpoint(tmp_path_factory.mktemp("seed"))
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, seed):
+    losses, _ = run_train(
+        tmp_path_factory.mktemp("one"),
+        1,
+        *COMMON,
+        *from_seed(seed),
+        "--training.local_batch_size",
+        str(GLOBAL_BATCH),
+        "--parallelism.data_parallel_shard_degree",
+        "1",
+    )
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    return losses
+
+
+FLEX = ("--model.attn_type", "flex")
+# FlexAttention has no CPU backward: these run only where there is a GPU per rank.
+FLEX_LAYOUTS = {
+    "flex_fsdp2": (2, 2, _degrees(shard=2) + FLEX, "Applied FSDP"),
+    "flex_tp2": (2, 1, _degrees(tp=2) + FLEX, "Applied tensor parallelism"),
+    "flex_fsdp2_ep2": (2, 2, _degrees(shard=2, ep=2) + FLEX, "Applied FSDP"),
+}
+GPUS = torch.cuda.device_count()
+
+
+@pytest.mark.parametrize(
+    "layout",
+    list(LAYOUTS)
+    + [
+        pytest.param(name, marks=pytest.mark.skipif(GPUS < 2, reason="FlexAttention needs CUDA"))
+        for name in FLEX_LAYOUTS
+    ],
+)
+def test_layout_matches_one_rank(tmp_path, seed, baseline, layout):
+    nproc, dp, degrees, marker = {**LAYOUTS, **FLEX_LAYOUTS}[layout]
+    losses, log = run_train(
+        tmp_path,
+        nproc,
+        *COMMON,
+        *from_seed(seed),
+        *degrees,
+        "--training.local_batch_size",
+        str(GLOBAL_BATCH // dp),
+    )
+    assert marker in log
+    assert sorted(losses) == list(range(1, STEPS + 1)), log[-3000:]
+    for step in baseline:
+        assert losses[step] == pytest.approx(baseline[step], rel=2e-5), (step, baseline, losses)
+    assert losses[STEPS] < losses[1]

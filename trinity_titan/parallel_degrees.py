@@ -1,0 +1,196 @@
+"""Check a parallelism layout against the model and the world size before any compute.
+
+Each failed check raises `ParallelConfigError` with one message that names the option to change
+and how. The checks run from `TrinityModelArgs.update_from_config` (so `torchrun -m
+torchtitan.train` fails before the model is built), from `parallelize_trinity`, and from the
+planner (`python -m trinity_titan.plan`).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch.distributed as dist
+from torchtitan.protocols.train_spec import get_train_spec
+
+
+class ParallelConfigError(ValueError):
+    """A parallelism setting that cannot work with this model, sequence length or world size."""
+
+
+@dataclass(frozen=True)
+class Degrees:
+    """Resolved degrees (data_parallel_shard_degree = -1 replaced by its value)."""
+
+    dp_replicate: int
+    dp_shard: int
+    cp: int
+    tp: int
+    pp: int
+    ep: int
+    etp: int
+    world_size: int
+
+    @property
+    def fsdp(self) -> int:
+        """TorchTitan shards parameters over dp_shard x cp."""
+        return self.dp_shard * self.cp
+
+    @property
+    def efsdp(self) -> int:
+        """FSDP degree of the routed experts: the ranks of dp_shard x cp x tp not used by EP."""
+        return self.fsdp * self.tp // (self.ep * self.etp)
+
+
+def world_size_from_env() -> int | None:
+    """WORLD_SIZE of the launcher, or of an initialised process group; None when unknown."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    value = os.environ.get("WORLD_SIZE")
+    return int(value) if value else None
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def resolve_degrees(parallelism: Any, world_size: int) -> Degrees:
+    """The degrees of `[parallelism]`; fails if they do not multiply to the world size."""
+    p = parallelism
+    named = {
+        "data_parallel_replicate_degree": p.data_parallel_replicate_degree,
+        "context_parallel_degree": p.context_parallel_degree,
+        "tensor_parallel_degree": p.tensor_parallel_degree,
+        "pipeline_parallel_degree": p.pipeline_parallel_degree,
+        "expert_parallel_degree": p.expert_parallel_degree,
+        "expert_tensor_parallel_degree": p.expert_tensor_parallel_degree,
+    }
+    for name, value in named.items():
+        if value < 1:
+            raise ParallelConfigError(f"parallelism.{name} is {value}; it must be >= 1")
+    others = (
+        p.data_parallel_replicate_degree
+        * p.context_parallel_degree
+        * p.tensor_parallel_degree
+        * p.pipeline_parallel_degree
+    )
+    dp_shard = p.data_parallel_shard_degree
+    product = (
+        f"data_parallel_replicate_degree ({p.data_parallel_replicate_degree}) x "
+        f"context_parallel_degree ({p.context_parallel_degree}) x "
+        f"tensor_parallel_degree ({p.tensor_parallel_degree}) x "
+        f"pipeline_parallel_degree ({p.pipeline_parallel_degree}) = {others}"
+    )
+    if dp_shard == -1:
+        if world_size % others:
+            raise ParallelConfigError(
+                f"the parallel degrees do not fit the world size {world_size}: {product} does "
+                f"not divide it; choose degrees whose product divides {world_size}"
+            )
+        dp_shard = world_size // others
+    elif dp_shard < 1:
+        raise ParallelConfigError(
+            f"parallelism.data_parallel_shard_degree is {dp_shard}; use -1 (the rest) or >= 1"
+        )
+    elif dp_shard * others != world_size:
+        raise ParallelConfigError(
+            f"the parallel degrees multiply to {dp_shard * others}, not the world size "
+            f"{world_size}: data_parallel_shard_degree ({dp_shard}) x {product}; set "
+            f"--parallelism.data_parallel_shard_degree -1 to use the remaining ranks, or change "
+            f"the degrees so that they multiply to {world_size}"
+        )
+    return Degrees(
+        dp_replicate=p.data_parallel_replicate_degree,
+        dp_shard=dp_shard,
+        cp=p.context_parallel_degree,
+        tp=p.tensor_parallel_degree,
+        pp=p.pipeline_parallel_degree,
+        ep=p.expert_parallel_degree,
+        etp=p.expert_tensor_parallel_degree,
+        world_size=world_size,
+    )
+
+
+def validate_parallelism(
+    model_args: Any, parallelism: Any, seq_len: int, world_size: int
+) -> Degrees:
+    """Resolve and check the degrees for `model_args`; raise ParallelConfigError on the first problem."""
+    d = resolve_degrees(parallelism, world_size)
+    a = model_args
+    if d.pp > 1:
+        raise ParallelConfigError(
+            f"parallelism.pipeline_parallel_degree is {d.pp}, but Trinity has no pipeline "
+            "schedule; set --parallelism.pipeline_parallel_degree 1 and use FSDP/EP instead"
+        )
+    if d.ep > 1 and a.num_experts % d.ep:
+        raise ParallelConfigError(
+            f"parallelism.expert_parallel_degree ({d.ep}) must divide the number of routed "
+            f"experts ({a.num_experts}); choose one of {_divisors(a.num_experts)}"
+        )
+    if d.etp not in (1, d.tp):
+        raise ParallelConfigError(
+            f"parallelism.expert_tensor_parallel_degree ({d.etp}) must be 1 or equal "
+            f"tensor_parallel_degree ({d.tp})"
+        )
+    if d.ep > 1 and (d.fsdp * d.tp) % (d.ep * d.etp):
+        raise ParallelConfigError(
+            f"parallelism.expert_parallel_degree ({d.ep}) x expert_tensor_parallel_degree "
+            f"({d.etp}) must divide data_parallel_shard_degree ({d.dp_shard}) x "
+            f"context_parallel_degree ({d.cp}) x tensor_parallel_degree ({d.tp}) = "
+            f"{d.fsdp * d.tp}: experts are spread over those ranks; raise "
+            "data_parallel_shard_degree or lower expert_parallel_degree"
+        )
+    if d.tp > 1:
+        for name, value in (("n_heads", a.n_heads), ("n_kv_heads", a.n_kv_heads)):
+            if value % d.tp:
+                raise ParallelConfigError(
+                    f"parallelism.tensor_parallel_degree ({d.tp}) must divide the model's "
+                    f"{name} ({value}); choose one of {_divisors(value)}"
+                )
+    if d.cp > 1 and seq_len % (2 * d.cp * d.tp):
+        raise ParallelConfigError(
+            f"training.seq_len ({seq_len}) must be divisible by 2 x context_parallel_degree "
+            f"({d.cp}) x tensor_parallel_degree ({d.tp}) = {2 * d.cp * d.tp}: context "
+            "parallelism gives each rank a head and a tail chunk of equal length; change "
+            "--training.seq_len or --parallelism.context_parallel_degree"
+        )
+    if d.tp > 1 and seq_len % d.tp:
+        raise ParallelConfigError(
+            f"training.seq_len ({seq_len}) must be divisible by tensor_parallel_degree "
+            f"({d.tp}) for sequence parallelism; change --training.seq_len"
+        )
+    if d.cp > 1 and a.balance_loss_coeff > 0:
+        raise ParallelConfigError(
+            f"context parallelism does not support the sequence-wise balance loss yet "
+            f"(moe.balance_loss_coeff = {a.balance_loss_coeff}): its per-sequence sums would "
+            "need a CP all-reduce; set --moe.balance_loss_coeff 0 or "
+            "--parallelism.context_parallel_degree 1"
+        )
+    if d.cp > 1 and a.attn_type != "sdpa":
+        raise ParallelConfigError(
+            f"context parallelism needs model.attn_type 'sdpa' (got '{a.attn_type}'): Trinity's "
+            "CP attention builds its own masks from token positions; set --model.attn_type sdpa"
+        )
+    balancer = getattr(parallelism, "context_parallel_load_balancer", "headtail")
+    if d.cp > 1 and balancer not in ("headtail", None):
+        raise ParallelConfigError(
+            f"parallelism.context_parallel_load_balancer '{balancer}' is not supported by "
+            "Trinity's CP attention; use 'headtail' (balanced) or None (contiguous chunks)"
+        )
+    if d.cp > 1 and a.attn_mask_type != "causal":
+        raise ParallelConfigError(
+            f"context parallelism does not support model.attn_mask_type "
+            f"'{a.attn_mask_type}' (document masking); set --model.attn_mask_type causal"
+        )
+    return d
+
+
+def check_job_parallelism(job_config: Any, world_size: int) -> Degrees:
+    """Validate `job_config`'s layout for its model flavor before any process group exists."""
+    spec = get_train_spec(job_config.model.name)
+    args = copy.deepcopy(spec.model_args[job_config.model.flavor])
+    args.update_from_config(job_config, world_size=world_size)
+    return resolve_degrees(job_config.parallelism, world_size)
