@@ -37,7 +37,7 @@ def test_large_on_2048_ranks_fits_a_b300():
 
 def test_muon_keeps_less_optimizer_state_and_small_gpu_does_not_fit(capsys):
     base = ["--job.config_file", str(LARGE), "--world-size", "2048"]
-    assert main(base + ["--gpu-memory-gb", "40"]) == 1
+    assert main(base + ["--optimizer.name", "AdamW", "--gpu-memory-gb", "40"]) == 1
     adamw = capsys.readouterr().out
     assert "DOES NOT FIT" in adamw
     assert main(base + ["--optimizer.name", "Muon"]) == 0

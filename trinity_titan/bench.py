@@ -35,15 +35,14 @@ import torch
 from torch import nn
 from torchtitan.components.loss import IGNORE_INDEX, cross_entropy_loss
 from torchtitan.config import TORCH_DTYPE_MAP, ConfigManager, JobConfig
-from torchtitan.distributed.activation_checkpoint import apply_ac
 from torchtitan.models.deepseek_v3 import DeepSeekV3Model, DeepSeekV3ModelArgs
-from torchtitan.models.llama4.infra.parallelize import _op_sac_save_list, apply_compile
 from torchtitan.models.moe import MoEArgs
 from torchtitan.tools.utils import get_peak_flops
 
 import trinity_titan  # noqa: F401  (registers the trinity spec, CPU support)
 from trinity_titan.kernels import resolve_backend
 from trinity_titan.model import TrinityModel, TrinityModelArgs, trinity_flavors
+from trinity_titan.parallelize import apply_ac_and_compile
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -104,17 +103,7 @@ def build(model_cls: type[nn.Module], args: Any, job_config: JobConfig, device: 
     model.to_empty(device=device)
     with torch.no_grad():
         model.init_weights(buffer_device=device)
-    compile_model = job_config.compile.enable and "model" in job_config.compile.components
-    if job_config.activation_checkpoint.mode != "none":
-        apply_ac(
-            model,
-            job_config.activation_checkpoint,
-            model_compile_enabled=compile_model,
-            op_sac_save_list=_op_sac_save_list,
-            base_folder=job_config.job.dump_folder,
-        )
-    if compile_model:
-        apply_compile(model, job_config.compile, ep_enabled=False)
+    apply_ac_and_compile(model, job_config)
     return model.train()
 
 

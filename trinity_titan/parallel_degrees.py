@@ -169,6 +169,13 @@ def validate_parallelism(
             "need a CP all-reduce; set --moe.balance_loss_coeff 0 or "
             "--parallelism.context_parallel_degree 1"
         )
+    if d.tp > 1 and a.balance_loss_coeff > 0:
+        raise ParallelConfigError(
+            f"tensor parallelism does not support the sequence-wise balance loss yet "
+            f"(moe.balance_loss_coeff = {a.balance_loss_coeff}): every TP rank adds the whole "
+            "loss's router gradient before the TP sum; set --moe.balance_loss_coeff 0 or "
+            "--parallelism.tensor_parallel_degree 1"
+        )
     if d.cp > 1 and a.attn_type != "sdpa":
         raise ParallelConfigError(
             f"context parallelism needs model.attn_type 'sdpa' (got '{a.attn_type}'): Trinity's "

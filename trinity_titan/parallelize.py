@@ -38,9 +38,10 @@ def parallelize_trinity(
     set_balance_loss_weight(model, job_config, parallel_dims)
     tp_mesh = parallel_dims.get_optional_mesh("tp")
     if tp_mesh is not None:
-        apply_trinity_tp(
-            model, tp_mesh, loss_parallel=not job_config.parallelism.disable_loss_parallel
-        )
+        # Loss parallelism is off: Trinity's loss also needs logsumexp (z-loss) and the logit
+        # statistics over the whole vocabulary, which vocab-sharded logits cannot give without
+        # gathering them anyway. The head's output is replicated over the TP ranks.
+        apply_trinity_tp(model, tp_mesh, loss_parallel=False)
     if parallel_dims.tp_enabled or parallel_dims.ep_enabled:
         apply_trinity_moe_ep_tp(
             model,
@@ -60,20 +61,7 @@ def parallelize_trinity(
         )
         logger.info("Applied Trinity context parallelism (%s) to the model", impl)
 
-    compile_model = job_config.compile.enable and "model" in job_config.compile.components
-    if job_config.activation_checkpoint.mode != "none":
-        apply_ac(
-            model,
-            job_config.activation_checkpoint,
-            model_compile_enabled=compile_model,
-            op_sac_save_list=_op_sac_save_list,
-            base_folder=job_config.job.dump_folder,
-        )
-    if compile_model and parallel_dims.cp_enabled:
-        apply_compile_around_cp(model, job_config.compile.backend)
-        logger.info("Compiled each block's modules around the CP attention op")
-    elif compile_model:
-        apply_compile(model, job_config.compile, parallel_dims.ep_enabled)
+    apply_ac_and_compile(model, job_config, parallel_dims.ep_enabled, parallel_dims.cp_enabled)
 
     if parallel_dims.fsdp_enabled or parallel_dims.ep_enabled:
         names = ["dp_replicate", "fsdp"] if parallel_dims.dp_replicate_enabled else ["fsdp"]
@@ -99,6 +87,7 @@ def parallelize_trinity(
             "Applied %s to the model", "HSDP" if parallel_dims.dp_replicate_enabled else "FSDP"
         )
     elif parallel_dims.dp_replicate_enabled:
+        compile_model = job_config.compile.enable and "model" in job_config.compile.components
         apply_ddp(model, parallel_dims.get_mesh("dp_replicate"), enable_compile=compile_model)
     return model
 
@@ -108,3 +97,23 @@ def use_sum_reduction(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_force_sum_reduction_for_comms(True)
+
+
+def apply_ac_and_compile(
+    model: nn.Module, job_config: JobConfig, ep_enabled: bool = False, cp_enabled: bool = False
+) -> None:
+    """TorchTitan's activation checkpointing, then torch.compile per block (around the CP op)."""
+    compile_model = job_config.compile.enable and "model" in job_config.compile.components
+    if job_config.activation_checkpoint.mode != "none":
+        apply_ac(
+            model,
+            job_config.activation_checkpoint,
+            model_compile_enabled=compile_model,
+            op_sac_save_list=_op_sac_save_list,
+            base_folder=job_config.job.dump_folder,
+        )
+    if compile_model and cp_enabled:
+        apply_compile_around_cp(model, job_config.compile.backend)
+        logger.info("Compiled each block's modules around the CP attention op")
+    elif compile_model:
+        apply_compile(model, job_config.compile, ep_enabled)
