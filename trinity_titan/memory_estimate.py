@@ -166,11 +166,22 @@ def block_activation_bytes(args, s: ActivationShape, layer_id: int) -> int:
     return total
 
 
-def activation_bytes(args, s: ActivationShape, ac_mode: str) -> dict[str, int]:
-    """Activation estimate for one micro-batch: blocks, plus fp32 logits and their gradient."""
+def activation_bytes(
+    args, s: ActivationShape, ac_mode: str, fused_loss_chunk: int | None = None
+) -> dict[str, int]:
+    """Activation estimate for one micro-batch: blocks, plus the loss's fp32 logits and gradient.
+
+    The materialised loss holds [tokens, vocab] fp32 logits and their gradient (replicated over
+    TP: no loss parallelism). The fused loss holds one chunk of them plus an fp32 accumulator for
+    the head's weight gradient.
+    """
     blocks = [block_activation_bytes(args, s, i) for i in range(args.n_layers)]
     tokens = s.batch * s.seq_len // s.cp
-    logits = 2 * tokens * args.vocab_size // s.tp * 4
+    if fused_loss_chunk:
+        logits = 2 * min(tokens, fused_loss_chunk) * args.vocab_size * 4
+        logits += args.vocab_size * args.dim * 4
+    else:
+        logits = 2 * tokens * args.vocab_size * 4
     if ac_mode == "full":
         kept = args.n_layers * tokens // s.tp * args.dim * s.compute_bytes + max(blocks)
     else:

@@ -108,7 +108,9 @@ def make_plan(job_config: JobConfig, world_size: int, gpu_memory_gb: float = B30
         cp_impl=getattr(job_config.parallelism, "context_parallel_impl", "allgather_halo"),
         attn_type=args.attn_type,
     )
-    acts = activation_bytes(args, shape, job_config.activation_checkpoint.mode)
+    kernels = getattr(job_config, "kernels", None)
+    fused_chunk = kernels.loss_chunk_size if kernels is not None and kernels.fused_loss else None
+    acts = activation_bytes(args, shape, job_config.activation_checkpoint.mode, fused_chunk)
     attn_global = attention_bytes(args, shape, is_local=False)
     attn_local = attention_bytes(args, shape, is_local=True)
     n_global = sum(args.is_global_layer(i) for i in range(args.n_layers))
@@ -147,7 +149,10 @@ def make_plan(job_config: JobConfig, world_size: int, gpu_memory_gb: float = B30
         + ")",
         _row("FSDP all-gather/reduce buffers", buffers),
         _row("activations (estimate)", acts["blocks"]),
-        _row("logits + grad (fp32)", acts["logits"]),
+        _row(
+            "loss: logits + grad (fp32)" if fused_chunk is None else "fused loss chunk + head grad",
+            acts["logits"],
+        ),
         _row("total", total) + f"  of {gpu_memory_gb:.0f} GB ({100 * total / capacity:.1f}%)",
         f"attention per rank at {t.seq_len} tokens, kept for backward by all layers without "
         f"activation checkpointing: "
