@@ -1,5 +1,6 @@
 """`-m trinity_titan.train --kernels.fused_loss`: the fused head trains exactly like the logits path,
-on 1 rank and under 2-rank FSDP (the head sees the all-gathered weight)."""
+on 1 rank, under 2-rank FSDP (the head sees the all-gathered weight) and under TP 2 (the head is
+left whole on every TP rank)."""
 
 from __future__ import annotations
 
@@ -43,7 +44,24 @@ def test_fused_loss_matches_logits_path_on_one_and_two_ranks(tmp_path):
         module="trinity_titan.train",
     )
     assert "Applied FSDP to the model" in log
-    for run_log in (log1, log):
+    fused_tp, log_tp = run_train(
+        tmp_path / "fused_tp",
+        2,
+        *COMMON,
+        *from_seed(seed),
+        *FUSED,
+        "--training.local_batch_size",
+        "16",
+        "--parallelism.data_parallel_shard_degree",
+        "1",
+        "--parallelism.tensor_parallel_degree",
+        "2",
+        module="trinity_titan.train",
+    )
+    assert "Applied tensor parallelism" in log_tp
+    for step in logits:
+        assert fused_tp[step] == pytest.approx(logits[step], rel=1e-5), (step, logits, fused_tp)
+    for run_log in (log1, log, log_tp):
         assert (
             "Fused linear cross-entropy: the LM head computes the loss (torch kernels)" in run_log
         )

@@ -38,10 +38,10 @@ def parallelize_trinity(
     set_balance_loss_weight(model, job_config, parallel_dims)
     tp_mesh = parallel_dims.get_optional_mesh("tp")
     if tp_mesh is not None:
-        # Loss parallelism is off: Trinity's loss also needs logsumexp (z-loss) and the logit
-        # statistics over the whole vocabulary, which vocab-sharded logits cannot give without
-        # gathering them anyway. The head's output is replicated over the TP ranks.
-        apply_trinity_tp(model, tp_mesh, loss_parallel=False)
+        # No loss parallelism: Trinity's loss also needs logsumexp (z-loss) and the logit
+        # statistics over whole vocabulary rows. With the fused loss the head is left whole.
+        kernels = getattr(job_config, "kernels", None)
+        apply_trinity_tp(model, tp_mesh, replicate_head=bool(kernels and kernels.fused_loss))
     if parallel_dims.tp_enabled or parallel_dims.ep_enabled:
         apply_trinity_moe_ep_tp(
             model,

@@ -9,11 +9,14 @@ gradient over TP). All four sandwich norms are sequence-parallel.
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
+    ParallelStyle,
     PrepareModuleInput,
     RowwiseParallel,
     SequenceParallel,
@@ -22,18 +25,48 @@ from torch.distributed.tensor.parallel import (
 from torchtitan.tools.logging import logger
 
 
-def apply_trinity_tp(model: nn.Module, tp_mesh: DeviceMesh, loss_parallel: bool) -> None:
+class ReplicatedHead(ParallelStyle):
+    """The LM head whole on every TP rank: its weight a replicated DTensor, its input the whole
+    sequence (all-gathered from the sequence shards), its output local. The fused loss then runs
+    on every TP rank unchanged, and no [tokens, vocab] logits are gathered."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def partition(name: str, mod: nn.Module, mesh: DeviceMesh) -> None:
+            for key, param in list(mod.named_parameters(recurse=False)):
+                replicated = nn.Parameter(distribute_tensor(param, mesh, [Replicate()]))
+                mod.register_parameter(key, replicated)
+
+        def prepare_input(mod: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
+            h = inputs[0]
+            if not isinstance(h, DTensor):
+                h = DTensor.from_local(h, mesh, [Shard(1)], run_check=False)
+            return (h.redistribute(placements=[Replicate()]), *inputs[1:])
+
+        def prepare_output(mod: nn.Module, outputs: Any, mesh: DeviceMesh) -> Any:
+            return outputs.to_local() if isinstance(outputs, DTensor) else outputs
+
+        return distribute_module(module, device_mesh, partition, prepare_input, prepare_output)
+
+
+def apply_trinity_tp(model: nn.Module, tp_mesh: DeviceMesh, replicate_head: bool = False) -> None:
+    """The TP plan. The LM head is column-parallel over the vocabulary with replicated logits, or,
+    with `replicate_head` (the fused loss), not TP-sharded at all: every TP rank gets the whole
+    sequence's hidden states and the whole (FSDP-sharded) head, so the fused linear cross-entropy
+    runs unchanged and no [tokens, vocab] logits are ever gathered."""
+    head = (
+        ReplicatedHead()
+        if replicate_head
+        else ColwiseParallel(
+            input_layouts=Shard(1), output_layouts=Replicate(), use_local_output=True
+        )
+    )
     parallelize_module(
         model,
         tp_mesh,
         {
             "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
             "norm": SequenceParallel(),
-            "output": ColwiseParallel(
-                input_layouts=Shard(1),
-                output_layouts=Shard(-1) if loss_parallel else Replicate(),
-                use_local_output=not loss_parallel,
-            ),
+            "output": head,
         },
     )
     for block in model.layers.values():

@@ -60,11 +60,14 @@ def fused_linear_cross_entropy(
     `logit_stats=False` skips the Liger path's extra statistics pass (logit_max is then NaN and
     logit_sum comes from sum_t h_t . sum_v W_v, which is exact up to rounding).
     """
+    # A head replicated over TP ranks (Trinity's TP plan with the fused loss) computes the same
+    # loss on every rank: work on the local copies; their gradients stay replicated.
+    hidden, weight = _local_if_replicated(hidden), _local_if_replicated(weight)
     if isinstance(hidden, DTensor) or isinstance(weight, DTensor):
         raise NotImplementedError(
             "the fused linear cross-entropy needs the full LM-head weight and local hidden states; "
-            "it does not support tensor parallelism (a vocab-sharded head). "
-            "Set [kernels] fused_loss = false under TP."
+            "Trinity's TP plan leaves the head whole when [kernels] fused_loss is on: do not "
+            "shard the head over the vocabulary."
         )
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -256,3 +259,9 @@ def _liger_terms(
             z_scaled / z_loss_coeff if z_loss_coeff > 0 else torch.full_like(z_scaled, float("nan"))
         )
     return LossTerms(loss_sum, ce_sum, z_sum, logit_max, logit_sum, valid.sum())
+
+
+def _local_if_replicated(t: torch.Tensor) -> torch.Tensor:
+    if isinstance(t, DTensor) and all(p.is_replicate() for p in t.placements):
+        return t.to_local()
+    return t

@@ -154,4 +154,4 @@ class TrinityModel(ModelProtocol):
             h = self.norm(h)
         if self.output is None:
             return h
-        return self.output(h) if labels is None else self.output(h, labels)
+        return self.output(h) if labels is None else self.output(h, labels=labels)
