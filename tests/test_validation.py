@@ -69,6 +69,7 @@ def test_tokenizer_vocab_larger_than_the_model(tmp_path):
         build("--model.hf_assets_path", str(big))
 
 
+@pytest.mark.slow
 def test_torchrun_fails_in_seconds_with_the_message(tmp_path: Path):
     start = time.monotonic()
     _, log = run_train(tmp_path, 1, "--model.flavor", "tiny", check=False, timeout=120)
