@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import sys
 from dataclasses import dataclass
 
@@ -72,16 +73,7 @@ def make_plan(job_config: JobConfig, world_size: int, gpu_memory_gb: float = B30
     if created:
         dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
     try:
-        parallel_dims = ParallelDims(
-            dp_replicate=degrees.dp_replicate,
-            dp_shard=degrees.dp_shard,
-            cp=degrees.cp,
-            tp=degrees.tp,
-            pp=degrees.pp,
-            ep=degrees.ep,
-            etp=degrees.etp,
-            world_size=world_size,
-        )
+        parallel_dims = ParallelDims(**dataclasses.asdict(degrees))
         parallel_dims.build_mesh()
         with torch.device("meta"):
             model = spec.model_cls(args)
