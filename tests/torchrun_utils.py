@@ -13,6 +13,21 @@ DEBUG_TOML = REPO / "train_configs" / "trinity_debug.toml"
 _STEP = re.compile(r"step:\s*(\d+)\s+loss:\s*([-+0-9.eE]+|nan|inf)")
 
 
+def torchrun(nproc: int, *target: str, timeout: int, what: str, check: bool = True) -> str:
+    """`torchrun --standalone` on CPU (gloo) with the repo importable; return stdout + stderr."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           "--standalone", *target]  # fmt: skip
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("WANDB_MODE", "offline")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    log = proc.stdout + proc.stderr
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{what} failed (exit {proc.returncode}):\n{log[-6000:]}")
+    return log
+
+
 def run_train(
     dump_folder: Path,
     nproc: int,
@@ -23,29 +38,11 @@ def run_train(
     module: str = "torchtitan.train",
 ) -> tuple[dict[int, float], str]:
     """Run training with `-m module`; return ({step: global avg loss}, full log)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        "--standalone",
-        "-m",
-        module,
-        "--job.config_file",
-        str(config),
-        "--job.dump_folder",
-        str(dump_folder),
-        "--metrics.disable_color_printing",
-        *overrides,
-    ]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env.setdefault("WANDB_MODE", "offline")
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    log = proc.stdout + proc.stderr
-    if check and proc.returncode != 0:
-        raise AssertionError(f"training failed (exit {proc.returncode}):\n{log[-6000:]}")
+    log = torchrun(
+        nproc, "-m", module, "--job.config_file", str(config), "--job.dump_folder",
+        str(dump_folder), "--metrics.disable_color_printing", *overrides,
+        timeout=timeout, what="training", check=check,
+    )  # fmt: skip
     losses: dict[int, float] = {}
     for step, loss in _STEP.findall(log):
         losses.setdefault(int(step), float(loss))
@@ -73,20 +70,4 @@ def from_seed(seed: Path) -> tuple[str, ...]:
 
 def run_workers(script: Path, nproc: int, *args: str, timeout: int = 300) -> str:
     """Run a worker script under torchrun (gloo on CPU); fail with its log if any rank fails."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        "--standalone",
-        str(script),
-        *args,
-    ]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env.setdefault("OMP_NUM_THREADS", "1")
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    log = proc.stdout + proc.stderr
-    if proc.returncode != 0:
-        raise AssertionError(f"workers failed (exit {proc.returncode}):\n{log[-6000:]}")
-    return log
+    return torchrun(nproc, str(script), *args, timeout=timeout, what="workers")
