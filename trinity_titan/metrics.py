@@ -97,24 +97,22 @@ class TrinityMetricsProcessor(MetricsProcessor):
         ]
         if not layers:
             return {}
-        out: dict[str, float] = {}
-        fracs, dead, balance, bias_min, bias_max = [], 0, 0.0, [], []
-        for layer_id, moe in layers:
-            counts = moe.last_step_counts
-            out[f"moe/maxvio/layer_{layer_id}"] = max_violation(counts).item()
-            frac = counts / counts.sum().clamp_min(1)
-            fracs.append((frac.min().item(), frac.max().item()))
-            dead += int((counts == 0).sum().item())
-            balance += moe.last_balance_loss.item()
-            bias_min.append(moe.expert_bias.min().item())
-            bias_max.append(moe.expert_bias.max().item())
+        # One device-to-host copy for all layers (not a sync per layer and statistic).
+        counts = torch.stack([moe.last_step_counts.double() for _, moe in layers]).cpu()
+        bias = torch.stack([moe.expert_bias.double() for _, moe in layers]).cpu()
+        balance = torch.stack([moe.last_balance_loss.double() for _, moe in layers]).cpu()
+        frac = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
+        out: dict[str, float] = {
+            f"moe/maxvio/layer_{layer_id}": max_violation(c).item()
+            for (layer_id, _), c in zip(layers, counts, strict=True)
+        }
         out["moe/maxvio_worst"] = max(out.values())
-        out["moe/load_frac_min"] = min(f[0] for f in fracs)
-        out["moe/load_frac_max"] = max(f[1] for f in fracs)
-        out["moe/dead_experts"] = dead
-        out["moe/bias_min"] = min(bias_min)
-        out["moe/bias_max"] = max(bias_max)
-        out["loss/balance"] = balance
+        out["moe/load_frac_min"] = frac.min().item()
+        out["moe/load_frac_max"] = frac.max().item()
+        out["moe/dead_experts"] = int((counts == 0).sum().item())
+        out["moe/bias_min"] = bias.min().item()
+        out["moe/bias_max"] = bias.max().item()
+        out["loss/balance"] = balance.sum().item()
         return out
 
     def check_health(self, step: int, metrics: dict[str, Any]) -> None:
