@@ -147,7 +147,7 @@ class HybridMuon(torch.optim.Optimizer):
             state = self.state[p]
             if not state:
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            grad = _local(p.grad)
+            grad = _local_grad(p)
             buf = _local(state["momentum_buffer"])
             buf.lerp_(grad, 1 - mu)
             update = grad.lerp(buf, mu) if group["nesterov"] else buf
@@ -168,7 +168,7 @@ class HybridMuon(torch.optim.Optimizer):
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["step"] += 1
             step = state["step"].item()
-            grad, param = _local(p.grad), _local(p)
+            grad, param = _local_grad(p), _local(p)
             exp_avg, exp_avg_sq = _local(state["exp_avg"]), _local(state["exp_avg_sq"])
             param.mul_(1 - lr * wd)
             exp_avg.lerp_(grad, 1 - beta1)
@@ -187,6 +187,20 @@ class _MuonUpdate:
 
 def _local(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _local_grad(p: Tensor) -> Tensor:
+    """The gradient's local shard, laid out like the parameter's.
+
+    Under TP a gradient can come back in another layout than its parameter: sequence-parallel
+    norm weights get Partial (unsummed) gradients, the row-parallel embedding a Replicate one.
+    torch's optimizers redistribute implicitly through DTensor ops; the local-shard math here
+    must do it explicitly, or each TP rank would step with its own partial sum.
+    """
+    grad = p.grad
+    if isinstance(grad, DTensor) and grad.placements != p.placements:
+        grad = grad.redistribute(p.device_mesh, p.placements)
+    return _local(grad)
 
 
 # ---------------------------------------------------------------------------------------------
