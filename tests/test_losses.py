@@ -10,7 +10,7 @@ import torch
 from torchtitan.components.loss import cross_entropy_loss
 from torchtitan.tools.logging import logger as titan_logger
 
-from trinity_titan.balance_loss import sequence_balance_loss
+from trinity_titan.balance_loss import add_aux_loss, sequence_balance_loss
 from trinity_titan.losses import LossStats, TrinityLoss, loss_terms_from_logits
 from trinity_titan.metrics import TrinityMetricsProcessor
 from trinity_titan.model import TrinityModel
@@ -133,6 +133,43 @@ def test_sequence_balance_loss_matches_loop():
             p = sum((scores[s, tt, i] / scores[s, tt].sum()).item() for tt in range(t)) / t
             total += f * p
         assert got[s].item() == pytest.approx(total, rel=1e-6)
+
+
+def test_sequence_balance_loss_shares_add_up_over_sequence_shards():
+    """Context parallelism: each rank holds some positions of every sequence (head-tail chunks)
+    and sums its hit counts with the others'; the shares add up to the whole-sequence loss,
+    and so do their gradients."""
+    b, t, e, k, ranks = 3, 16, 6, 2, 4
+    scores = torch.rand(b, t, e, requires_grad=True)
+    selected = torch.topk(scores.detach() + 0.1 * torch.randn(e), k, dim=-1).indices
+    whole = sequence_balance_loss(scores, selected)
+    (grad_whole,) = torch.autograd.grad(whole.sum(), scores)
+
+    chunks = torch.arange(t).view(2 * ranks, -1)
+    shards = [torch.cat((chunks[r], chunks[2 * ranks - 1 - r])) for r in range(ranks)]
+    hits_of = [
+        torch.zeros(b, e).scatter_add_(
+            1, selected[:, pos].reshape(b, -1), torch.ones(b, k * pos.numel())
+        )
+        for pos in shards
+    ]
+    total_hits = torch.stack(hits_of).sum(0)
+    shares = [
+        sequence_balance_loss(scores[:, pos], selected[:, pos], reduce_hits=lambda _h: total_hits)
+        for pos in shards
+    ]
+    torch.testing.assert_close(torch.stack(shares).sum(0), whole)
+    (grad_shards,) = torch.autograd.grad(torch.stack(shares).sum(), scores)
+    torch.testing.assert_close(grad_shards, grad_whole)
+
+
+def test_add_aux_loss_scales_the_gradient_only():
+    x = torch.randn(3, requires_grad=True)
+    aux = torch.tensor(2.0, requires_grad=True)
+    y = add_aux_loss(x, aux * 1.0, grad_scale=0.25)
+    assert torch.equal(y, x)
+    y.sum().backward()
+    assert aux.grad.item() == 0.25 and torch.equal(x.grad, torch.ones(3))
 
 
 @pytest.mark.parametrize("seq_weight", [None, 1 / 8])

@@ -96,15 +96,7 @@ def test_sequence_not_divisible_for_cp():
     assert "training.seq_len (102) must be divisible by 2 x context_parallel_degree (2)" in msg
 
 
-def test_tp_refuses_balance_loss():
-    msg = fails(debug(balance_loss_coeff=1e-4), parallelism(tensor_parallel_degree=2))
-    assert "tensor parallelism does not support the sequence-wise balance loss" in msg
-
-
-def test_cp_refuses_balance_loss_and_document_masking():
-    assert "moe.balance_loss_coeff" in fails(
-        debug(balance_loss_coeff=1e-4), parallelism(context_parallel_degree=2)
-    )
+def test_cp_refuses_flex_attention():
     assert "attn_type 'sdpa'" in fails(
         debug(attn_type="flex", attn_mask_type="block_causal"),
         parallelism(context_parallel_degree=2),

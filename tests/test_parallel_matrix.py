@@ -3,9 +3,13 @@
 
 The debug model's sequence (128) is four sliding windows (32) long, so context parallelism
 exercises both the key/value all-gather (global layer) and the halo exchange (local layers).
+The sequence-wise balance loss is checked the same way on the layouts that split (CP) or repeat
+(TP) its sequences.
 """
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
@@ -71,20 +75,25 @@ def seed(tmp_path_factory):
     return make_seed_checkpoint(tmp_path_factory.mktemp("seed"))
 
 
-@pytest.fixture(scope="module")
-def baseline(tmp_path_factory, seed):
-    losses, _ = run_train(
+def _one_rank(tmp_path_factory, seed, *extra: str) -> tuple[dict[int, float], str]:
+    losses, log = run_train(
         tmp_path_factory.mktemp("one"),
         1,
         *COMMON,
         *from_seed(seed),
+        *extra,
         "--training.local_batch_size",
         str(GLOBAL_BATCH),
         "--parallelism.data_parallel_shard_degree",
         "1",
     )
     assert sorted(losses) == list(range(1, STEPS + 1))
-    return losses
+    return losses, log
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, seed):
+    return _one_rank(tmp_path_factory, seed)[0]
 
 
 FLEX = ("--model.attn_type", "flex")
@@ -121,3 +130,47 @@ def test_layout_matches_one_rank(tmp_path, seed, baseline, layout):
     for step in baseline:
         assert losses[step] == pytest.approx(baseline[step], rel=2e-5), (step, baseline, losses)
     assert losses[STEPS] < losses[1]
+
+
+# The sequence-wise balance loss where its sequences are split over ranks (CP: hit counts summed
+# over the CP group, each rank adds its share) or repeated on ranks (TP: each adds 1 / tp of the
+# router gradient). A large alpha, so that a wrong share or scale moves the losses (by ~1e-3).
+BALANCE = ("--moe.balance_loss_coeff", "0.05")
+BALANCE_LAYOUTS = {
+    "cp2_balance": (2, 1, _degrees(cp=2) + AC + COMPILE, "Trinity context parallelism"),
+    "tp2_cp2_ep2_balance": (4, 1, _degrees(tp=2, cp=2, ep=2), "Applied tensor parallelism"),
+}
+_BALANCE_METRIC = re.compile(r"health\s+(\d+)\s.*loss/balance: ([0-9.eE+-]+)")
+
+
+def _balance_values(log: str) -> dict[int, float]:
+    return {int(step): float(value) for step, value in _BALANCE_METRIC.findall(log)}
+
+
+@pytest.fixture(scope="module")
+def balance_baseline(tmp_path_factory, seed):
+    return _one_rank(tmp_path_factory, seed, *BALANCE)
+
+
+@pytest.mark.parametrize("layout", list(BALANCE_LAYOUTS))
+def test_balance_loss_layout_matches_one_rank(tmp_path, seed, balance_baseline, layout):
+    nproc, dp, degrees, marker = BALANCE_LAYOUTS[layout]
+    losses, log = run_train(
+        tmp_path,
+        nproc,
+        *COMMON,
+        *from_seed(seed),
+        *BALANCE,
+        *degrees,
+        "--training.local_batch_size",
+        str(GLOBAL_BATCH // dp),
+    )
+    assert marker in log
+    one_losses, one_log = balance_baseline
+    assert sorted(losses) == list(range(1, STEPS + 1)), log[-3000:]
+    for step in one_losses:
+        assert losses[step] == pytest.approx(one_losses[step], rel=2e-5), (step, one_losses, losses)
+    # the logged balance loss (4 significant digits) is the whole-batch value on every layout
+    one_balance = _balance_values(one_log)
+    assert sorted(one_balance) == list(range(1, STEPS + 1)) and one_balance[1] > 0
+    assert _balance_values(log) == one_balance

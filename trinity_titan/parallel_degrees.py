@@ -162,35 +162,18 @@ def validate_parallelism(
             f"training.seq_len ({seq_len}) must be divisible by tensor_parallel_degree "
             f"({d.tp}) for sequence parallelism; change --training.seq_len"
         )
-    if d.cp > 1 and a.balance_loss_coeff > 0:
+    if d.cp > 1 and (a.attn_type, a.attn_mask_type) != ("sdpa", "causal"):
         raise ParallelConfigError(
-            f"context parallelism does not support the sequence-wise balance loss yet "
-            f"(moe.balance_loss_coeff = {a.balance_loss_coeff}): its per-sequence sums would "
-            "need a CP all-reduce; set --moe.balance_loss_coeff 0 or "
-            "--parallelism.context_parallel_degree 1"
-        )
-    if d.tp > 1 and a.balance_loss_coeff > 0:
-        raise ParallelConfigError(
-            f"tensor parallelism does not support the sequence-wise balance loss yet "
-            f"(moe.balance_loss_coeff = {a.balance_loss_coeff}): every TP rank adds the whole "
-            "loss's router gradient before the TP sum; set --moe.balance_loss_coeff 0 or "
-            "--parallelism.tensor_parallel_degree 1"
-        )
-    if d.cp > 1 and a.attn_type != "sdpa":
-        raise ParallelConfigError(
-            f"context parallelism needs model.attn_type 'sdpa' (got '{a.attn_type}'): Trinity's "
-            "CP attention builds its own masks from token positions; set --model.attn_type sdpa"
+            f"context parallelism needs model.attn_type 'sdpa' and model.attn_mask_type "
+            f"'causal' (got '{a.attn_type}' and '{a.attn_mask_type}'): Trinity's CP attention "
+            "builds its own causal and sliding-window masks from token positions and has no "
+            "document masking yet; set --model.attn_type sdpa --model.attn_mask_type causal"
         )
     balancer = getattr(parallelism, "context_parallel_load_balancer", "headtail")
     if d.cp > 1 and balancer not in ("headtail", None):
         raise ParallelConfigError(
             f"parallelism.context_parallel_load_balancer '{balancer}' is not supported by "
             "Trinity's CP attention; use 'headtail' (balanced) or None (contiguous chunks)"
-        )
-    if d.cp > 1 and a.attn_mask_type != "causal":
-        raise ParallelConfigError(
-            f"context parallelism does not support model.attn_mask_type "
-            f"'{a.attn_mask_type}' (document masking); set --model.attn_mask_type causal"
         )
     return d
 

@@ -16,7 +16,7 @@ from torchtitan.models.llama4.infra.parallelize import (
 )
 from torchtitan.tools.logging import logger
 
-from trinity_titan.balance_loss import set_balance_loss_weight
+from trinity_titan.balance_loss import configure_balance_loss
 from trinity_titan.context_parallel import apply_compile_around_cp, apply_context_parallel
 from trinity_titan.moe_tensor_parallel import apply_trinity_moe_ep_tp
 from trinity_titan.parallel_degrees import validate_parallelism
@@ -35,7 +35,7 @@ def parallelize_trinity(
         parallel_dims.world_size,
     )
 
-    set_balance_loss_weight(model, job_config, parallel_dims)
+    configure_balance_loss(model, job_config, parallel_dims)
     tp_mesh = parallel_dims.get_optional_mesh("tp")
     if tp_mesh is not None:
         # No loss parallelism: Trinity's loss also needs logsumexp (z-loss) and the logit

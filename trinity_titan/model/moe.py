@@ -7,6 +7,8 @@ FSDP and torch.compile code applies to them unchanged (it keys on these types an
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
@@ -156,7 +158,9 @@ class TrinityMoE(MoE):
     With `balance_loss_coeff` > 0 the sequence-wise balance loss is added to the training loss
     through the backward of the output (trinity_titan.balance_loss); `balance_loss_seq_weight`
     is the weight of one sequence (1 / sequences in the global batch, set by the parallelizer;
-    None means the mean over this forward's sequences).
+    None means the mean over this forward's sequences). The parallelizer also sets
+    `balance_hits_reducer` where ranks hold parts of the same sequences and
+    `balance_loss_grad_scale` where ranks compute the same loss (trinity_titan.balance_loss).
     """
 
     def __init__(self, args: TrinityModelArgs) -> None:
@@ -196,6 +200,8 @@ class TrinityMoE(MoE):
         self.smebu_kappa = args.smebu_kappa
         self.balance_loss_coeff = args.balance_loss_coeff
         self.balance_loss_seq_weight: float | None = None
+        self.balance_hits_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.balance_loss_grad_scale = 1.0
         self.register_buffer(
             "expert_bias", torch.zeros(num_experts, dtype=torch.float32), persistent=True
         )
@@ -233,13 +239,15 @@ class TrinityMoE(MoE):
         out = (shared + routed.to(x.dtype)).view(bs, slen, dim)
         if self.balance_loss_coeff and torch.is_grad_enabled():
             per_seq = sequence_balance_loss(
-                scores.view(bs, slen, -1), selected.view(bs, slen, top_k)
+                scores.view(bs, slen, -1),
+                selected.view(bs, slen, top_k),
+                reduce_hits=self.balance_hits_reducer,
             )
             weight = self.balance_loss_seq_weight or 1.0 / bs
             aux = self.balance_loss_coeff * weight * per_seq.sum()
             if first_forward:
                 self.balance_loss_sum.add_(aux.detach())
-            out = add_aux_loss(out, aux)
+            out = add_aux_loss(out, aux, self.balance_loss_grad_scale)
         return out
 
     def init_weights(self, init_std: float, buffer_device: torch.device | None = None) -> None:
