@@ -61,3 +61,19 @@ def test_experts_not_divisible_by_ep_is_a_clear_error(capsys):
         "parallelism.expert_parallel_degree (3) must divide the number of routed experts (256)"
         in err
     )
+
+
+def test_large_context_extension_with_cp4_and_balance_loss(capsys):
+    """The report's long-context phase: CP 4 at 64K tokens, balance loss still on. The TOML's
+    document masking is refused under CP with the two flags to set, then the plan fits."""
+    base = ["--job.config_file", str(LARGE), "--world-size", "2048"]
+    base += ["--parallelism.context_parallel_degree", "4"]
+    base += ["--parallelism.data_parallel_shard_degree", "32"]
+    base += ["--training.seq_len", "65536", "--training.local_batch_size", "1"]
+    assert main(base) == 2
+    assert "set --model.attn_type sdpa --model.attn_mask_type causal" in capsys.readouterr().err
+    assert main(base + ["--model.attn_type", "sdpa"]) == 2
+    assert "--model.attn_mask_type causal" in capsys.readouterr().err
+    assert main(base + ["--model.attn_type", "sdpa", "--model.attn_mask_type", "causal"]) == 0
+    out = capsys.readouterr().out
+    assert "dp_replicate 16 x dp_shard 32 x cp 4" in out and out.strip().endswith("FITS")

@@ -35,6 +35,7 @@ from trinity_titan.memory_estimate import (
     fsdp_buffer_bytes,
     model_state_bytes,
 )
+from trinity_titan.model.args import ModelArgsError
 from trinity_titan.parallel_degrees import ParallelConfigError, resolve_degrees
 
 B300_GB = 288.0
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         job_config = ConfigManager().parse_args(rest)
         plan = make_plan(job_config, ours.world_size, ours.gpu_memory_gb)
-    except ParallelConfigError as e:
+    except (ParallelConfigError, ModelArgsError) as e:
         print(f"invalid configuration: {e}", file=sys.stderr)
         return 2
     print("\n".join(plan.lines))

@@ -20,6 +20,10 @@ AttnMaskType = Literal["causal", "block_causal"]
 BalanceMethod = Literal["none", "aux_free", "smebu"]
 
 
+class ModelArgsError(ValueError):
+    """Model settings the model cannot be built with; the message names the fields to change."""
+
+
 @dataclass
 class TrinityModelArgs(BaseModelArgs):
     """Shapes and numerics of a Trinity (AFMoE) model.
@@ -115,10 +119,11 @@ class TrinityModelArgs(BaseModelArgs):
             problems.append(f"sliding_window ({self.sliding_window}) must be >= 1")
         if self.attn_mask_type == "block_causal" and self.attn_type != "flex":
             problems.append(
-                "attn_mask_type 'block_causal' (document masking) needs attn_type 'flex'"
+                "model.attn_mask_type 'block_causal' (document masking) needs model.attn_type "
+                "'flex'; set --model.attn_type flex or --model.attn_mask_type causal"
             )
         if problems:
-            raise ValueError("Invalid Trinity model args: " + "; ".join(problems))
+            raise ModelArgsError("Invalid Trinity model args: " + "; ".join(problems))
 
     # ------------------------------------------------------------------ torchtitan protocol
     def update_from_config(self, job_config: JobConfig, **kwargs) -> None:
