@@ -115,12 +115,18 @@ GPUS = torch.cuda.device_count()
     ],
 )
 def test_layout_matches_one_rank(tmp_path, seed, baseline, layout):
-    nproc, dp, degrees, marker = {**LAYOUTS, **FLEX_LAYOUTS}[layout]
+    losses, _ = _run_layout(tmp_path, seed, baseline, *{**LAYOUTS, **FLEX_LAYOUTS}[layout])
+    assert losses[STEPS] < losses[1]
+
+
+def _run_layout(tmp_path, seed, baseline, nproc, dp, degrees, marker, *extra):
+    """Train `degrees` on `nproc` ranks; the losses must equal the 1-rank `baseline`'s."""
     losses, log = run_train(
         tmp_path,
         nproc,
         *COMMON,
         *from_seed(seed),
+        *extra,
         *degrees,
         "--training.local_batch_size",
         str(GLOBAL_BATCH // dp),
@@ -129,7 +135,7 @@ def test_layout_matches_one_rank(tmp_path, seed, baseline, layout):
     assert sorted(losses) == list(range(1, STEPS + 1)), log[-3000:]
     for step in baseline:
         assert losses[step] == pytest.approx(baseline[step], rel=2e-5), (step, baseline, losses)
-    assert losses[STEPS] < losses[1]
+    return losses, log
 
 
 # The sequence-wise balance loss where its sequences are split over ranks (CP: hit counts summed
@@ -154,22 +160,8 @@ def balance_baseline(tmp_path_factory, seed):
 
 @pytest.mark.parametrize("layout", list(BALANCE_LAYOUTS))
 def test_balance_loss_layout_matches_one_rank(tmp_path, seed, balance_baseline, layout):
-    nproc, dp, degrees, marker = BALANCE_LAYOUTS[layout]
-    losses, log = run_train(
-        tmp_path,
-        nproc,
-        *COMMON,
-        *from_seed(seed),
-        *BALANCE,
-        *degrees,
-        "--training.local_batch_size",
-        str(GLOBAL_BATCH // dp),
-    )
-    assert marker in log
     one_losses, one_log = balance_baseline
-    assert sorted(losses) == list(range(1, STEPS + 1)), log[-3000:]
-    for step in one_losses:
-        assert losses[step] == pytest.approx(one_losses[step], rel=2e-5), (step, one_losses, losses)
+    _, log = _run_layout(tmp_path, seed, one_losses, *BALANCE_LAYOUTS[layout], *BALANCE)
     # the logged balance loss (4 significant digits) is the whole-batch value on every layout
     one_balance = _balance_values(one_log)
     assert sorted(one_balance) == list(range(1, STEPS + 1)) and one_balance[1] > 0
