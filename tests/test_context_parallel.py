@@ -1,4 +1,5 @@
-"""Trinity's context-parallel attention: layout, halo plan, and equality with 1-rank attention."""
+"""Trinity's context-parallel attention: layout, halo plan, and equality with 1-rank attention
+(with and without document masking)."""
 
 from __future__ import annotations
 
@@ -39,5 +40,6 @@ def test_halo_is_exactly_the_missing_window(cp, window, balance):
 @pytest.mark.parametrize("nproc", [2, 3])
 def test_cp_attention_equals_one_rank(nproc):
     log = run_workers(REPO / "tests" / "workers" / "cp_attention.py", nproc)
-    assert log.count("OK window=") == 5, log[-3000:]
-    assert log.count("MEM seq=") == 4
+    assert log.count("OK window=") == 8, log[-3000:]
+    assert log.count("documents=True") == 3 + 2  # 3 OK cases, 2 MEM lines
+    assert log.count("MEM seq=") == 6

@@ -13,7 +13,7 @@ from torchrun_utils import DEBUG_TOML, REPO, run_train
 from torchtitan.components.tokenizer import HuggingFaceTokenizer
 from torchtitan.config import ConfigManager
 
-from trinity_titan.data import ramp as ramp_module
+from trinity_titan import launcher
 from trinity_titan.data.loader import PackedDocumentStream, build_data_dataloader
 from trinity_titan.data.mixture import PhaseSchedule
 from trinity_titan.data.ramp import BatchRamp
@@ -74,7 +74,7 @@ def test_batch_ramp_at_the_report_threshold(monkeypatch):
 
     cfg = _job_config()
     cfg.data.batch_ramp = [{"tokens": 100, "global_batch_size": 8}]
-    monkeypatch.setattr(ramp_module, "_TRAINER_APPLIES_RAMP", False)
+    monkeypatch.setattr(launcher, "_TRINITY_TRAINER", False)
     with pytest.raises(RuntimeError, match="trinity_titan.train"):
         build_data_dataloader(1, 0, _tokenizer(), cfg)
 

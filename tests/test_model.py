@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -77,17 +78,47 @@ def test_sliding_window_mask_semantics():
     assert m[0].tolist() == [True, False, False, False, False, False]
 
 
-def test_sdpa_and_flex_forward_agree(debug_args):
+def _sdpa_and_flex(args) -> tuple[TrinityModel, TrinityModel]:
+    """The same random weights with `args.attn_type` 'sdpa' and 'flex'."""
     torch.manual_seed(0)
-    model = TrinityModel(debug_args)
+    model = TrinityModel(args)
     model.init_weights(buffer_device=torch.device("cpu"))
-    flex_args = copy.deepcopy(debug_args)
+    flex_args = copy.deepcopy(args)
     flex_args.attn_type = "flex"
     flex = TrinityModel(flex_args)
     flex.load_state_dict(model.state_dict())
+    return model, flex
+
+
+def test_sdpa_and_flex_forward_agree(debug_args):
+    model, flex = _sdpa_and_flex(debug_args)
     tokens = torch.randint(0, debug_args.vocab_size, (2, debug_args.max_seq_len))
     with torch.no_grad():
         torch.testing.assert_close(flex(tokens), model(tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_document_masking_sdpa_equals_flex_and_separates_documents(debug_args):
+    """SDPA's explicit document mask against flex with TorchTitan's document mask_mod; and a
+    document's outputs do not depend on the tokens of the documents before it."""
+    eos = SimpleNamespace(eos_id=0)
+    debug_args.attn_mask_type = "block_causal"
+    model, flex = _sdpa_and_flex(debug_args)
+    seq = debug_args.max_seq_len
+    tokens = torch.randint(1, debug_args.vocab_size, (2, seq))
+    tokens[0, [17, 70]] = 0  # row 0: three documents, the last longer than the window
+    tokens[1, 40] = 0
+    with torch.no_grad():
+        out = model(tokens, model.get_attention_masks(tokens, eos))
+        torch.testing.assert_close(
+            flex(tokens, flex.get_attention_masks(tokens, eos)), out, atol=1e-5, rtol=1e-5
+        )
+        # new tokens in row 0's first two documents leave its third unchanged
+        other = tokens.clone()
+        other[0, :70] = torch.randint(1, debug_args.vocab_size, (70,))
+        other[0, 17] = 0
+        again = model(other, model.get_attention_masks(other, eos))
+        torch.testing.assert_close(again[0, 71:], out[0, 71:], atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(again[0, :70], out[0, :70])
 
 
 def test_invalid_args_fail_with_the_field(debug_args):

@@ -4,7 +4,7 @@
 The debug model's sequence (128) is four sliding windows (32) long, so context parallelism
 exercises both the key/value all-gather (global layer) and the halo exchange (local layers).
 The sequence-wise balance loss is checked the same way on the layouts that split (CP) or repeat
-(TP) its sequences.
+(TP) its sequences, and document masking under CP.
 """
 
 from __future__ import annotations
@@ -75,7 +75,9 @@ def seed(tmp_path_factory):
     return make_seed_checkpoint(tmp_path_factory.mktemp("seed"))
 
 
-def _one_rank(tmp_path_factory, seed, *extra: str) -> tuple[dict[int, float], str]:
+def _one_rank(
+    tmp_path_factory, seed, *extra: str, module: str = "torchtitan.train"
+) -> tuple[dict[int, float], str]:
     losses, log = run_train(
         tmp_path_factory.mktemp("one"),
         1,
@@ -86,6 +88,7 @@ def _one_rank(tmp_path_factory, seed, *extra: str) -> tuple[dict[int, float], st
         str(GLOBAL_BATCH),
         "--parallelism.data_parallel_shard_degree",
         "1",
+        module=module,
     )
     assert sorted(losses) == list(range(1, STEPS + 1))
     return losses, log
@@ -119,7 +122,9 @@ def test_layout_matches_one_rank(tmp_path, seed, baseline, layout):
     assert losses[STEPS] < losses[1]
 
 
-def _run_layout(tmp_path, seed, baseline, nproc, dp, degrees, marker, *extra):
+def _run_layout(
+    tmp_path, seed, baseline, nproc, dp, degrees, marker, *extra, module="torchtitan.train"
+):
     """Train `degrees` on `nproc` ranks; the losses must equal the 1-rank `baseline`'s."""
     losses, log = run_train(
         tmp_path,
@@ -130,6 +135,7 @@ def _run_layout(tmp_path, seed, baseline, nproc, dp, degrees, marker, *extra):
         *degrees,
         "--training.local_batch_size",
         str(GLOBAL_BATCH // dp),
+        module=module,
     )
     assert marker in log
     assert sorted(losses) == list(range(1, STEPS + 1)), log[-3000:]
@@ -166,3 +172,21 @@ def test_balance_loss_layout_matches_one_rank(tmp_path, seed, balance_baseline, 
     one_balance = _balance_values(one_log)
     assert sorted(one_balance) == list(range(1, STEPS + 1)) and one_balance[1] > 0
     assert _balance_values(log) == one_balance
+
+
+# Document masking under CP: every rank gets the document ids of the whole sequence and masks its
+# chunks with them. With SDPA the masks are built by Trinity's trainer.
+DOCUMENTS = ("--model.attn_mask_type", "block_causal")
+TRAINER = "trinity_titan.train"
+
+
+@pytest.fixture(scope="module")
+def documents_baseline(tmp_path_factory, seed):
+    return _one_rank(tmp_path_factory, seed, *DOCUMENTS, module=TRAINER)[0]
+
+
+def test_document_masking_under_cp_matches_one_rank(tmp_path, seed, baseline, documents_baseline):
+    cp2 = (2, 1, _degrees(cp=2) + AC + COMPILE, "Trinity context parallelism")
+    _run_layout(tmp_path, seed, documents_baseline, *cp2, *DOCUMENTS, module=TRAINER)
+    # the debug rows pack several documents, so the masking changes the loss
+    assert documents_baseline[1] != pytest.approx(baseline[1], rel=1e-4)

@@ -64,16 +64,20 @@ def test_experts_not_divisible_by_ep_is_a_clear_error(capsys):
 
 
 def test_large_context_extension_with_cp4_and_balance_loss(capsys):
-    """The report's long-context phase: CP 4 at 64K tokens, balance loss still on. The TOML's
-    document masking is refused under CP with the two flags to set, then the plan fits."""
+    """The report's long-context phase: CP 4 at 64K tokens, document masking and the balance
+    loss still on. CP needs SDPA (the TOML's flex is refused, naming the flag); then it fits,
+    with the per-sample document masks in the attention estimate."""
     base = ["--job.config_file", str(LARGE), "--world-size", "2048"]
     base += ["--parallelism.context_parallel_degree", "4"]
     base += ["--parallelism.data_parallel_shard_degree", "32"]
     base += ["--training.seq_len", "65536", "--training.local_batch_size", "1"]
     assert main(base) == 2
-    assert "set --model.attn_type sdpa --model.attn_mask_type causal" in capsys.readouterr().err
-    assert main(base + ["--model.attn_type", "sdpa"]) == 2
-    assert "--model.attn_mask_type causal" in capsys.readouterr().err
-    assert main(base + ["--model.attn_type", "sdpa", "--model.attn_mask_type", "causal"]) == 0
+    assert "set --model.attn_type sdpa" in capsys.readouterr().err
+    assert main(base + ["--model.attn_type", "sdpa"]) == 0
     out = capsys.readouterr().out
     assert "dp_replicate 16 x dp_shard 32 x cp 4" in out and out.strip().endswith("FITS")
+    global_mask = float(re.search(r"one global layer .*?mask ([\d.]+)", out).group(1))
+    assert global_mask > 0  # document masking: global layers need an explicit mask under CP
+    assert main(base + ["--model.attn_type", "sdpa", "--model.attn_mask_type", "causal"]) == 0
+    out = capsys.readouterr().out
+    assert float(re.search(r"one global layer .*?mask ([\d.]+)", out).group(1)) == 0

@@ -12,6 +12,7 @@ from torchrun_utils import DEBUG_TOML, REPO, run_train
 from torchtitan.config import ConfigManager
 
 import trinity_titan  # noqa: F401  (registers the train spec)
+from trinity_titan import launcher
 from trinity_titan.tokenizer import build_trinity_tokenizer
 from trinity_titan.validation import ConfigError
 
@@ -67,6 +68,27 @@ def test_tokenizer_vocab_larger_than_the_model(tmp_path):
     (big / "tokenizer.json").write_text(json.dumps(tok))
     with pytest.raises(ConfigError, match=r"more than the 2048 of flavor 'debugmodel'"):
         build("--model.hf_assets_path", str(big))
+
+
+def test_sdpa_document_masking_needs_trinity_trainer(monkeypatch):
+    monkeypatch.setattr(launcher, "_TRINITY_TRAINER", False)  # as under -m torchtitan.train
+    with pytest.raises(RuntimeError, match=r"trinity_titan.train.*--model.attn_type flex"):
+        build("--model.attn_mask_type", "block_causal")
+    build("--model.attn_mask_type", "block_causal", "--model.attn_type", "flex")
+    monkeypatch.setattr(launcher, "_TRINITY_TRAINER", True)
+    build("--model.attn_mask_type", "block_causal")
+
+
+def test_document_masking_needs_an_eos_token(tmp_path):
+    no_eos = tmp_path / "tokenizer"
+    shutil.copytree(DEBUG_ASSETS, no_eos, ignore=shutil.ignore_patterns("*.jsonl"))
+    config = json.loads((no_eos / "tokenizer_config.json").read_text())
+    config.pop("eos_token", None)
+    (no_eos / "tokenizer_config.json").write_text(json.dumps(config))
+    args = ("--model.hf_assets_path", str(no_eos), "--model.attn_type", "flex")
+    assert build(*args).eos_id is None
+    with pytest.raises(ConfigError, match=r"has no EOS token.*--model.attn_mask_type causal"):
+        build(*args, "--model.attn_mask_type", "block_causal")
 
 
 @pytest.mark.slow

@@ -12,13 +12,17 @@ layout TorchTitan's trainer shards inputs, labels and positions with), so causal
 Each query chunk then runs its own attention call over the contiguous range of keys it may see,
 with masks from the true token positions, so the result equals single-rank attention: global
 layers use a lower-right causal bias (no mask tensor in CUDA flash kernels), local layers a small
-[L, L + W - 1] window mask per chunk of L queries.
+[L, L + W - 1] window mask per chunk of L queries. With document masking the trainer hands every
+rank the document ids of the whole sequence (`SequenceDocuments`, computed before the batch is
+sharded), and each chunk's mask also keeps queries and keys within a document: no extra
+communication, but global layers then need an explicit [B, 1, L, keys] mask.
 `parallelize_trinity` swaps each block's `attention.inner_attention` for
 `ContextParallelAttention`; the model code is unchanged.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -26,6 +30,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
+
+
+@dataclass(frozen=True)
+class SequenceDocuments:
+    """Document ids [B, S] of the whole (unsharded) sequence, the CP op's document mask."""
+
+    ids: torch.Tensor
 
 
 # ---------------------------------------------------------------------------- layout
@@ -179,7 +190,8 @@ class ContextParallelAttention(nn.Module):
         mask: object,
         scale: float,
     ) -> torch.Tensor:
-        del mask  # built by the model for the local shard; CP masks come from true positions
+        # CP masks come from true positions; a model-built mask would be for the local shard
+        docs = mask.ids if isinstance(mask, SequenceDocuments) else None
         seq_local = q.shape[2]
         seq_len = seq_local * self.cp
         positions = shard_positions(seq_len, self.cp, self.load_balance)
@@ -207,12 +219,18 @@ class ContextParallelAttention(nn.Module):
             k_hi = int(torch.searchsorted(k_pos, first + (end - start)))
             q_run = q[:, :, start:end]
             k_run, v_run = kv[0, :, :, k_lo:k_hi], kv[1, :, :, k_lo:k_hi]
-            if self.window is None:
+            if self.window is None and docs is None:
                 # the chunk sees every earlier key and itself causally: a lower-right causal mask
                 bias = causal_lower_right(end - start, k_hi - k_lo)
             else:
                 rel = torch.arange(end - start)[:, None] + (first - lo) - torch.arange(k_hi - k_lo)
-                bias = ((rel >= 0) & (rel < self.window)).to(q.device)
+                bias = (rel >= 0) if self.window is None else (rel >= 0) & (rel < self.window)
+                bias = bias.to(q.device)
+                if docs is not None:
+                    # keys k_lo:k_hi are the positions lo .. lo + (k_hi - k_lo) - 1
+                    q_docs = docs[:, first : first + end - start]
+                    k_docs = docs[:, lo : lo + k_hi - k_lo]
+                    bias = bias & (q_docs[:, :, None] == k_docs[:, None, :])[:, None]
             outs.append(
                 F.scaled_dot_product_attention(
                     q_run,

@@ -18,7 +18,8 @@ class Model:
     """Attention kernel: 'sdpa' (CPU and GPU, explicit sliding-window mask) or 'flex' (block-sparse, GPU)."""
 
     attn_mask_type: Literal["causal", "block_causal"] | None = None
-    """'block_causal' adds document masking at EOS tokens (needs attn_type = 'flex')."""
+    """'block_causal' adds document masking at EOS tokens: block-sparse with 'flex'; with 'sdpa'
+    (and under context parallelism) an explicit [batch, 1, seq, seq] mask."""
 
 
 @dataclass

@@ -100,6 +100,7 @@ class ActivationShape:
     compute_bytes: int = 2
     cp_impl: str = "allgather_halo"
     attn_type: str = "sdpa"
+    documents: bool = False  # document masking (attn_mask_type = "block_causal")
 
 
 def attention_bytes(args, s: ActivationShape, is_local: bool) -> dict[str, int]:
@@ -109,7 +110,9 @@ def attention_bytes(args, s: ActivationShape, is_local: bool) -> dict[str, int]:
     layers) or local + halo (local layers) keys/values; and the additive mask where the kernel
     takes one: SDPA's sliding-window mask without CP ([S, S]), and under CP a [L, L + W - 1]
     window mask per query chunk of length L (global layers use a lower-right causal bias, no
-    mask). Attention kernels keep a boolean mask as an additive one in the compute dtype.
+    mask). With document masking under SDPA (and so under CP) every mask is per sample and
+    global layers need one too ([L, keys] per chunk). Attention kernels keep a boolean mask as an
+    additive one in the compute dtype.
     """
     b, e = s.batch, s.compute_bytes
     q_tokens = s.seq_len // s.cp
@@ -126,13 +129,25 @@ def attention_bytes(args, s: ActivationShape, is_local: bool) -> dict[str, int]:
                 k_tokens = q_tokens + len(needed - set(rank_pos.tolist()))
             else:
                 k_tokens = s.seq_len
-            mask = sum(n * (n + min(window - 1, first)) for n, first in runs) if is_local else 0
+            if is_local or s.documents:
+                # each chunk of n queries masks its keys: the window before it, or (document
+                # masking, global layers) every earlier key; per sample with document masking
+                seen = [min(window - 1, first) if is_local else first for _, first in runs]
+                mask = sum(n * (n + k) for (n, _), k in zip(runs, seen, strict=True))
+                mask *= b if s.documents else 1
+            else:
+                mask = 0
             worst = (max(worst[0], k_tokens), max(worst[1], mask))
         k_tokens, mask = worst
     else:
         k_tokens = s.seq_len
-        needs_mask = is_local and s.attn_type == "sdpa" and s.seq_len > window
-        mask = q_tokens * k_tokens if needs_mask else 0
+        sdpa = s.attn_type == "sdpa"
+        if sdpa and s.documents:
+            mask = b * q_tokens * k_tokens
+        elif sdpa and is_local and s.seq_len > window:
+            mask = q_tokens * k_tokens
+        else:
+            mask = 0
     return {
         "q": b * q_tokens * heads * hd * e,
         "kv": 2 * b * k_tokens * kv_heads * hd * e,

@@ -162,12 +162,11 @@ def validate_parallelism(
             f"training.seq_len ({seq_len}) must be divisible by tensor_parallel_degree "
             f"({d.tp}) for sequence parallelism; change --training.seq_len"
         )
-    if d.cp > 1 and (a.attn_type, a.attn_mask_type) != ("sdpa", "causal"):
+    if d.cp > 1 and a.attn_type != "sdpa":
         raise ParallelConfigError(
-            f"context parallelism needs model.attn_type 'sdpa' and model.attn_mask_type "
-            f"'causal' (got '{a.attn_type}' and '{a.attn_mask_type}'): Trinity's CP attention "
-            "builds its own causal and sliding-window masks from token positions and has no "
-            "document masking yet; set --model.attn_type sdpa --model.attn_mask_type causal"
+            f"context parallelism needs model.attn_type 'sdpa' (got '{a.attn_type}'): Trinity's "
+            "CP attention builds its own causal, sliding-window and document masks from token "
+            "positions; set --model.attn_type sdpa"
         )
     balancer = getattr(parallelism, "context_parallel_load_balancer", "headtail")
     if d.cp > 1 and balancer not in ("headtail", None):

@@ -100,6 +100,7 @@ def make_plan(job_config: JobConfig, world_size: int, gpu_memory_gb: float = B30
         compute_bytes=compute,
         cp_impl=getattr(job_config.parallelism, "context_parallel_impl", "allgather_halo"),
         attn_type=args.attn_type,
+        documents=args.attn_mask_type == "block_causal",
     )
     kernels = getattr(job_config, "kernels", None)
     fused_chunk = kernels.loss_chunk_size if kernels is not None and kernels.fused_loss else None

@@ -10,7 +10,13 @@ from torchtitan.components.tokenizer import BaseTokenizer, build_hf_tokenizer
 from torchtitan.config import JobConfig
 
 from trinity_titan.model import trinity_flavors
-from trinity_titan.validation import check_data_sources, check_flavor, check_paths, check_vocab
+from trinity_titan.validation import (
+    check_data_sources,
+    check_document_masking,
+    check_flavor,
+    check_paths,
+    check_vocab,
+)
 
 
 def build_trinity_tokenizer(job_config: JobConfig) -> BaseTokenizer:
@@ -19,4 +25,5 @@ def build_trinity_tokenizer(job_config: JobConfig) -> BaseTokenizer:
     check_data_sources(job_config)
     tokenizer = build_hf_tokenizer(job_config)
     check_vocab(tokenizer, model_args, job_config)
+    check_document_masking(job_config, model_args, tokenizer)
     return tokenizer

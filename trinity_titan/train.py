@@ -16,7 +16,10 @@ from torchtitan.distributed import ParallelDims
 from torchtitan.tools.logging import logger
 from torchtitan.train import Trainer, main
 
-from trinity_titan.data.ramp import BatchRamp, mark_ramp_supported
+from trinity_titan.context_parallel import SequenceDocuments
+from trinity_titan.data.ramp import BatchRamp
+from trinity_titan.launcher import mark_trinity_trainer
+from trinity_titan.model.attention import TrinityMasks, document_ids
 from trinity_titan.nan_guard import NanGuard
 from trinity_titan.parallel_degrees import check_job_parallelism
 
@@ -25,7 +28,7 @@ class TrinityTrainer(Trainer):
     """TorchTitan's Trainer; Trinity features override its hooks, never copy its loop."""
 
     def __init__(self, job_config: JobConfig):
-        mark_ramp_supported()  # before the dataloader builder checks for it
+        mark_trinity_trainer()  # before TorchTitan's builders check for it
         super().__init__(job_config)
         dims = self.parallel_dims
         self._batch_degree = dims.get_mesh("batch").size() if dims.dp_enabled else 1
@@ -71,10 +74,23 @@ class TrinityTrainer(Trainer):
         self, input_dict: dict[str, torch.Tensor], labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
         """With `[kernels] fused_loss`, hand the labels to the model: its head returns the loss
-        terms of the fused linear cross-entropy instead of logits."""
+        terms of the fused linear cross-entropy instead of logits. With SDPA document masking,
+        build the masks TorchTitan builds only for flex: under context parallelism, the document
+        ids of the whole sequence, taken before TorchTitan shards the batch."""
+        args = self.model_args
+        sdpa_documents = args.attn_type == "sdpa" and args.attn_mask_type == "block_causal"
+        whole = None
+        if sdpa_documents and self.parallel_dims.cp_enabled:
+            whole = SequenceDocuments(document_ids(input_dict["input"], self.tokenizer.eos_id))
         inputs, labels, extra_inputs, extra_kwargs = super().post_dataloading_process(
             input_dict, labels
         )
+        if sdpa_documents:
+            extra_kwargs["attention_masks"] = (
+                TrinityMasks(local=whole, global_=whole)
+                if whole is not None
+                else self.model_parts[0].get_attention_masks(inputs, self.tokenizer)
+            )
         kernels = getattr(self.job_config, "kernels", None)
         if kernels is not None and kernels.fused_loss:
             extra_inputs["labels"] = labels

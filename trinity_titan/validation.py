@@ -15,6 +15,7 @@ from torchtitan.components.tokenizer import BaseTokenizer
 from torchtitan.config import JobConfig
 from torchtitan.hf_datasets.text_datasets import DATASETS
 
+from trinity_titan.launcher import require_trinity_trainer
 from trinity_titan.model.args import TrinityModelArgs
 
 
@@ -91,4 +92,26 @@ def check_vocab(
             f"{n} tokens, more than the {model_args.vocab_size} of flavor "
             f"{job_config.model.flavor!r}. Fix: use the flavor's tokenizer, or a flavor whose "
             "vocab_size covers it."
+        )
+
+
+def check_document_masking(
+    job_config: JobConfig, model_args: TrinityModelArgs, tokenizer: BaseTokenizer
+) -> None:
+    """Document masks cut at the tokenizer's EOS; with SDPA they are built by Trinity's trainer
+    (TorchTitan's builds masks for flex only)."""
+    model = job_config.model
+    attn_type = getattr(model, "attn_type", None) or model_args.attn_type
+    mask_type = getattr(model, "attn_mask_type", None) or model_args.attn_mask_type
+    if mask_type != "block_causal":
+        return
+    if getattr(tokenizer, "eos_id", None) is None:
+        raise ConfigError(
+            f"[model] attn_mask_type = 'block_causal' cuts documents at EOS, but the tokenizer "
+            f"in hf_assets_path = {job_config.model.hf_assets_path!r} has no EOS token. Fix: use "
+            "a tokenizer with an eos_token, or set --model.attn_mask_type causal."
+        )
+    if attn_type == "sdpa":
+        require_trinity_trainer(
+            "document masking with model.attn_type 'sdpa'", ", or set --model.attn_type flex"
         )

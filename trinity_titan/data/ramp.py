@@ -11,23 +11,13 @@ from __future__ import annotations
 
 from typing import Any
 
-_TRAINER_APPLIES_RAMP = False
-
-
-def mark_ramp_supported() -> None:
-    """Called by TrinityTrainer before it builds the dataloader: the ramp will be applied."""
-    global _TRAINER_APPLIES_RAMP
-    _TRAINER_APPLIES_RAMP = True
+from trinity_titan.launcher import require_trinity_trainer
 
 
 def require_ramp_support(ramp: BatchRamp) -> None:
     """Fail early when a ramp is configured but the stock trainer would silently ignore it."""
-    if ramp.thresholds and not _TRAINER_APPLIES_RAMP:
-        raise RuntimeError(
-            "[[data.batch_ramp]] is configured, but the stock trainer ignores it: launch with "
-            "`python -m trinity_titan.train` (torchrun ... -m trinity_titan.train) instead of "
-            "`-m torchtitan.train`"
-        )
+    if ramp.thresholds:
+        require_trinity_trainer("[[data.batch_ramp]] (the stock trainer ignores it)")
 
 
 class BatchRamp:

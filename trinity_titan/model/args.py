@@ -74,7 +74,8 @@ class TrinityModelArgs(BaseModelArgs):
     # Attention kernels
     attn_type: AttnBackend = "sdpa"
     attn_mask_type: AttnMaskType = "causal"
-    """`block_causal` adds document masking (flex only): tokens do not attend across EOS."""
+    """`block_causal` adds document masking: tokens do not attend across EOS (flex: block-sparse;
+    sdpa: an explicit per-batch mask)."""
 
     init_std: float | None = None
     """Std of every weight's truncated normal (cut at +-3 std); None means 0.5 / sqrt(dim)."""
@@ -117,11 +118,6 @@ class TrinityModelArgs(BaseModelArgs):
             problems.append(f"top_k ({self.top_k}) must be in [1, num_experts={self.num_experts}]")
         if self.sliding_window < 1:
             problems.append(f"sliding_window ({self.sliding_window}) must be >= 1")
-        if self.attn_mask_type == "block_causal" and self.attn_type != "flex":
-            problems.append(
-                "model.attn_mask_type 'block_causal' (document masking) needs model.attn_type "
-                "'flex'; set --model.attn_type flex or --model.attn_mask_type causal"
-            )
         if problems:
             raise ModelArgsError("Invalid Trinity model args: " + "; ".join(problems))
 

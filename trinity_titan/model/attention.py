@@ -36,8 +36,9 @@ from trinity_titan.model.init import trunc_normal_3sigma_
 class TrinityMasks(NamedTuple):
     """Masks for one batch: `local` for sliding-window layers, `global_` for causal layers.
 
-    For SDPA a None entry means plain ``is_causal``; otherwise a bool [S, S] mask (True = attend).
-    For flex both entries are BlockMasks.
+    For SDPA a None entry means plain ``is_causal``; otherwise a bool mask (True = attend),
+    [S, S], or [B, 1, S, S] with document masking. For flex both entries are BlockMasks.
+    A parallelism may put its own mask description here; the model only passes it on.
     """
 
     local: torch.Tensor | BlockMask | None
@@ -91,9 +92,25 @@ def sliding_window_mask(
     return (dist >= 0) & (dist < window)
 
 
-def build_sdpa_masks(seqlen: int, window: int, device: torch.device) -> TrinityMasks:
-    local = None if seqlen <= window else sliding_window_mask(seqlen, window, device)
-    return TrinityMasks(local=local, global_=None)
+def document_ids(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """[B, S] index of each token's document within its row; an EOS ends its document (the
+    boundaries of TorchTitan's document mask)."""
+    eos = (tokens == eos_id).int()
+    return torch.cumsum(eos, dim=1) - eos
+
+
+def build_sdpa_masks(
+    seqlen: int, window: int, device: torch.device, documents: torch.Tensor | None = None
+) -> TrinityMasks:
+    """Causal and sliding-window masks; with `documents` ([B, S] ids), also within documents."""
+    if documents is None:
+        local = None if seqlen <= window else sliding_window_mask(seqlen, window, device)
+        return TrinityMasks(local=local, global_=None)
+    same_doc = (documents[:, :, None] == documents[:, None, :])[:, None]
+    return TrinityMasks(
+        local=same_doc & sliding_window_mask(seqlen, window, device),
+        global_=same_doc & sliding_window_mask(seqlen, seqlen, device),
+    )
 
 
 def build_flex_masks(tokens: torch.Tensor, window: int, eos_id: int | None = None) -> TrinityMasks:

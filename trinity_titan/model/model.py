@@ -16,6 +16,7 @@ from trinity_titan.model.attention import (
     TrinityMasks,
     build_flex_masks,
     build_sdpa_masks,
+    document_ids,
     precompute_rope_cache,
 )
 from trinity_titan.model.init import trunc_normal_3sigma_
@@ -115,18 +116,22 @@ class TrinityModel(ModelProtocol):
         tokenizer: BaseTokenizer | None = None,
         extra_inputs: dict[str, torch.Tensor] | None = None,
     ) -> TrinityMasks:
-        """Masks for `input_batch`; called by the trainer for flex, and by forward otherwise."""
+        """Masks for `input_batch`; called by the trainer for flex and document masking, and by
+        forward otherwise."""
         a = self.model_args
+        eos_id = None
+        if a.attn_mask_type == "block_causal":
+            if tokenizer is None or tokenizer.eos_id is None:
+                raise ValueError(
+                    "document masking (attn_mask_type='block_causal') needs a tokenizer with an EOS id"
+                )
+            eos_id = tokenizer.eos_id
         if a.attn_type == "flex":
-            eos_id = None
-            if a.attn_mask_type == "block_causal":
-                if tokenizer is None or tokenizer.eos_id is None:
-                    raise ValueError(
-                        "document masking (attn_mask_type='block_causal') needs a tokenizer with an EOS id"
-                    )
-                eos_id = tokenizer.eos_id
             return build_flex_masks(input_batch, a.sliding_window, eos_id)
-        return build_sdpa_masks(input_batch.shape[1], a.sliding_window, input_batch.device)
+        documents = None if eos_id is None else document_ids(input_batch, eos_id)
+        return build_sdpa_masks(
+            input_batch.shape[1], a.sliding_window, input_batch.device, documents
+        )
 
     def forward(
         self,
