@@ -67,6 +67,7 @@ LAYOUTS = {
     "cp2": (2, 1, _degrees(cp=2) + AC + COMPILE, "modules around the CP attention op"),
     "tp2_cp2_ep2": (4, 1, _degrees(tp=2, cp=2, ep=2), "Trinity context parallelism"),
     "fsdp2_cp2": (4, 2, _degrees(shard=2, cp=2), "Trinity context parallelism (allgather_halo)"),
+    "hsdp2x1_cp2": (4, 2, _degrees(rep=2, shard=1, cp=2), "Applied HSDP"),
 }
 
 
