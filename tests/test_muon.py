@@ -276,8 +276,8 @@ def test_expert_bias_update_still_runs_with_muon(model):
 
 def test_owners_split_the_work():
     """Greedy owners balance Newton-Schulz cost: no rank orthogonalises every matrix."""
-    matrices = [_Matrix(i, None, 0, (128, 128)) for i in range(6)]
-    matrices += [_Matrix(6 + i, None, 0, (64, 128)) for i in range(4)]
+    matrices = [_Matrix(i, None, 0, (128, 128), [64, 64]) for i in range(6)]
+    matrices += [_Matrix(6 + i, None, 0, (64, 128), [32, 32]) for i in range(4)]
     _assign_owners(matrices, 2)
     owners = [m.owner for m in matrices]
     assert owners.count(0) == owners.count(1) == 5, owners

@@ -1,9 +1,9 @@
 """Distributed Muon: sharded runs update exactly like one device, and its state checkpoints exactly.
 
 `test_layouts_match_full_matrix` spawns 4 gloo ranks in-process and orthogonalises updates laid out
-the ways FSDP2/HSDP/EP shard them (rows, columns, uneven shards, experts split on the expert dim or on
-a matrix dim, replicas, and a layout only the full-tensor fallback handles) against Newton-Schulz
-of the full matrix. `test_sharded_layouts_match_one_rank` trains the debug model 3 steps with
+the ways FSDP2/HSDP/EP/TP shard them (rows, columns, uneven shards, experts split on the expert dim
+or on a matrix dim, replicas, matrices split on two mesh dims as FSDP + TP gives, and a layout only
+the full-tensor fallback handles) against Newton-Schulz of the full matrix. `test_sharded_layouts_match_one_rank` trains the debug model 3 steps with
 `torchrun` on 1 rank, FSDP 2, FSDP 2 + EP 2, TP 2 and FSDP 2 + TP 2 + EP 2 from one seed
 checkpoint and compares the saved weights and optimizer state; a resumed run checks that Muon's state survives save/load exactly.
 """
@@ -21,6 +21,7 @@ import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.placement_types import _StridedShard
 from torchrun_utils import from_seed, make_seed_checkpoint, run_train
 
 from trinity_titan import muon
@@ -49,8 +50,14 @@ LAYOUTS = [
     ((4, 6, 5), (Shard(0), Shard(0))),  # experts: EP x FSDP, both on the expert dim (local)
     ((4, 6, 5), (Shard(0), Shard(1))),  # experts: EP on experts, FSDP on dim 1 (owner in group)
     ((4, 5, 8), (Shard(0), Shard(2))),  # experts: FSDP on the input dim
-    ((6, 5), (Shard(0), Shard(1))),  # a matrix split on both mesh dims: full-tensor fallback
+    # matrices split on both mesh dims (FSDP x TP): all-gather over TP, then owner over FSDP
+    ((6, 5), (Shard(0), Shard(1))),  # row-parallel under FSDP
+    ((7, 5), (_StridedShard(0, split_factor=2), Shard(0))),  # col-parallel under FSDP2, uneven
+    ((9, 4), (Shard(0), Shard(0))),  # both on the rows
+    ((3, 6, 7), (Shard(1), Shard(2))),  # a batch of matrices
+    ((6, 5), (Shard(0), _StridedShard(1, split_factor=2))),  # anything else: full-tensor fallback
 ]
+KINDS = ["owner"] * 4 + ["local"] + ["owner"] * 2 + ["gather_owner"] * 4 + ["full"]
 
 
 def _free_port() -> int:
@@ -69,13 +76,14 @@ def _layouts_worker(rank: int, world: int, port: int) -> None:
         torch.manual_seed(0)
         fulls = [torch.randn(shape) for shape, _ in LAYOUTS]
         work, expected = [], []
+        # every rank has the same full tensors: slice locally (strided shards need it)
         for full, (_, placements) in zip(fulls, LAYOUTS, strict=True):
-            param = distribute_tensor(full.clone(), mesh, placements)
+            param = distribute_tensor(full.clone(), mesh, placements, src_data_rank=None)
             work.append(muon._MuonUpdate(param, group, param.to_local().clone()))
             ref = muon.newton_schulz(full)
-            expected.append(distribute_tensor(ref, mesh, placements).to_local())
+            expected.append(distribute_tensor(ref, mesh, placements, src_data_rank=None).to_local())
         kinds = [muon.layout(w.param).kind for w in work]
-        assert kinds == ["owner"] * 4 + ["local", "owner", "owner", "full"], kinds
+        assert kinds == KINDS, kinds
         for got, want, (shape, _) in zip(
             muon.orthogonalise_all(work), expected, LAYOUTS, strict=True
         ):

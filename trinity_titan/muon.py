@@ -24,8 +24,16 @@ Distributed (parameters are DTensors; every update equals single-device Muon on 
   and shard group, carrying about the rank's local shard of the Muon matrices (the same bytes
   as one FSDP all-gather plus one reduce-scatter of those weights, in their fp32 dtype).
   Replicated mesh dimensions (HSDP's replicas) repeat the owner's work and need no comm.
-- Any other layout (a matrix split on two mesh dimensions, as FSDP + TP would give) falls back
-  to DTensor's full_tensor on every rank of the mesh: correct, but every rank does the work.
+- A matrix split on two mesh dimensions (FSDP + TP: FSDP's Shard or _StridedShard on the outer
+  dimension, TP's Shard on the inner one) is first all-gathered over the inner (TP) group. Each
+  rank then holds a set of whole rows (or columns) of the matrix, and these sets partition it
+  across the outer (FSDP) group, in an order that is a permutation of the matrix's. The owner
+  scheme above runs on them: Newton-Schulz is equivariant under row and column permutations
+  (NS(P X Q) = P NS(X) Q), so the owner's result is the permuted orthogonalised matrix, and each
+  rank keeps its own TP slice of what comes back. The work is split over the FSDP group and
+  repeated by the TP ranks; the TP all-gather moves the rank's shard times the TP degree.
+- Any other layout falls back to DTensor's full_tensor on every rank of the mesh: correct, but
+  every rank does the work.
 """
 
 from __future__ import annotations
@@ -211,26 +219,38 @@ def _local_grad(p: Tensor) -> Tensor:
 class _Split:
     """How a DTensor update is laid out for Newton-Schulz."""
 
-    kind: str  # "local" | "owner" | "full"
+    kind: str  # "local" | "owner" | "gather_owner" | "full"
     mesh_dim: int = -1  # owner: mesh dimension whose group holds the pieces of each matrix
     dim: int = -1  # owner: tensor dimension split across that group
+    gather_mesh_dim: int = -1  # gather_owner: mesh dimension all-gathered first (TP)
+    gather_dim: int = -1  # gather_owner: tensor dimension split across that one
 
 
 def layout(p: Tensor) -> _Split:
-    """Classify a parameter's sharding: local, one sharded matrix dim (owner), or other (full)."""
+    """Classify a parameter's sharding: local, one sharded matrix dim (owner), two (gather, then
+    owner), or other (full)."""
     if not isinstance(p, DTensor):
         return _Split("local")
-    split = None
+    splits = []
     for mesh_dim, placement in enumerate(p.placements):
         if placement.is_replicate() or p.device_mesh.size(mesh_dim) == 1:
             continue
-        sharded_dim = placement.dim if isinstance(placement, Shard | _StridedShard) else None
-        if sharded_dim == 0 and p.ndim == 3:
-            continue  # the expert (batch) dim: each rank holds whole matrices
-        if type(placement) is not Shard or split is not None:
+        if not isinstance(placement, Shard | _StridedShard):
             return _Split("full")
-        split = _Split("owner", mesh_dim, placement.dim)
-    return split or _Split("local")
+        if placement.dim == 0 and p.ndim == 3:
+            continue  # the expert (batch) dim: each rank holds whole matrices
+        splits.append((mesh_dim, placement))
+    if not splits:
+        return _Split("local")
+    if len(splits) == 1:
+        mesh_dim, placement = splits[0]
+        if type(placement) is Shard:
+            return _Split("owner", mesh_dim, placement.dim)
+        return _Split("full")
+    if len(splits) == 2 and type(splits[1][1]) is Shard:
+        (outer, outer_p), (inner, inner_p) = splits
+        return _Split("gather_owner", outer, outer_p.dim, inner, inner_p.dim)
+    return _Split("full")
 
 
 def orthogonalise_all(work: list[_MuonUpdate]) -> list[Tensor]:
@@ -242,17 +262,24 @@ def orthogonalise_all(work: list[_MuonUpdate]) -> list[Tensor]:
         split = layout(w.param)
         if split.kind == "local":
             local_idx.append(i)
-        elif split.kind == "owner":
-            group = w.param.device_mesh.get_group(split.mesh_dim)
-            by_group[(tuple(dist.get_process_group_ranks(group)), group)].append((i, split))
+        elif split.kind in ("owner", "gather_owner"):
+            mesh = w.param.device_mesh
+            groups = [mesh.get_group(split.mesh_dim)]
+            if split.kind == "gather_owner":
+                groups.append(mesh.get_group(split.gather_mesh_dim))
+            key = tuple(tuple(dist.get_process_group_ranks(g)) for g in groups)
+            by_group[(key, *groups)].append((i, split))
         else:
             results[i] = _orthogonalise_full(w)
     for i, out in zip(local_idx, _ns_batched([work[i] for i in local_idx]), strict=True):
         results[i] = out
-    for (_, group), members in by_group.items():
-        for i, out in zip(
-            [i for i, _ in members], _orthogonalise_owned(work, members, group), strict=True
-        ):
+    for (_, group, *gather_group), members in by_group.items():
+        if gather_group:
+            outs = _orthogonalise_gathered(work, members, group, gather_group[0])
+        else:
+            world = dist.get_world_size(group)
+            outs = _orthogonalise_owned([_unit(work[i], s.dim, world) for i, s in members], group)
+        for (i, _), out in zip(members, outs, strict=True):
             results[i] = out
     return results  # type: ignore[return-value]
 
@@ -294,42 +321,59 @@ def chunk_sizes(length: int, world: int) -> list[int]:
 
 
 @dataclass
+class _Unit:
+    """This rank's piece of one (possibly batched) matrix split along `dim` across a group."""
+
+    work: _MuonUpdate  # for the group's Newton-Schulz settings
+    piece: Tensor  # [m_r, n], [m, n_r], or [E, ...] with `dim` in 1..2
+    dim: int  # the tensor dimension split across the group
+    sizes: list[int]  # the pieces' sizes along `dim`, by group rank
+
+
+def _unit(work: _MuonUpdate, dim: int, world: int) -> _Unit:
+    """The local update of a parameter split like DTensor's Shard(dim) (torch.chunk sizes)."""
+    return _Unit(work, work.update, dim, chunk_sizes(work.param.shape[dim], world))
+
+
+@dataclass
 class _Matrix:
-    """One matrix of an owner-split update: work index, batch index (None for 2-D), split dim."""
+    """One matrix of a unit: unit index, batch index (None for 2-D), split dim, full shape."""
 
     index: int
     batch: int | None
     dim: int  # 0 or 1, the matrix dimension split across the group
     shape: tuple[int, int]  # full matrix shape
+    sizes: list[int]  # piece sizes along `dim`, by group rank
     owner: int = 0
 
 
-def _orthogonalise_owned(
-    work: list[_MuonUpdate], members: list[tuple[int, _Split]], group: dist.ProcessGroup
-) -> list[Tensor]:
-    """Gather each matrix to one owner rank of `group`, orthogonalise there, scatter back."""
+def _orthogonalise_owned(units: list[_Unit], group: dist.ProcessGroup) -> list[Tensor]:
+    """Gather each matrix to one owner rank of `group`, orthogonalise there, scatter back.
+
+    The owner concatenates the pieces in rank order. Where that is a permutation of the
+    matrix's rows or columns (after a TP gather), the result is the same permutation of the
+    orthogonalised matrix, and each rank gets back its own rows or columns."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     matrices: list[_Matrix] = []
-    for i, split in members:
-        p = work[i].param
-        if p.ndim == 2:
-            matrices.append(_Matrix(i, None, split.dim, tuple(p.shape)))
+    for i, u in enumerate(units):
+        shape = list(u.piece.shape)
+        shape[u.dim] = sum(u.sizes)
+        if u.piece.ndim == 2:
+            matrices.append(_Matrix(i, None, u.dim, tuple(shape), u.sizes))
         else:
-            batch = work[i].update.shape[0]
-            matrices += [_Matrix(i, b, split.dim - 1, tuple(p.shape[1:])) for b in range(batch)]
+            matrices += [
+                _Matrix(i, b, u.dim - 1, tuple(shape[1:]), u.sizes) for b in range(shape[0])
+            ]
     _assign_owners(matrices, world)
 
-    def sizes(m: _Matrix) -> list[int]:
-        return chunk_sizes(m.shape[m.dim], world)
-
     def piece(m: _Matrix) -> Tensor:
-        u = work[m.index].update
+        u = units[m.index].piece
         return u if m.batch is None else u[m.batch]
 
     def numel(m: _Matrix, r: int) -> int:
-        return sizes(m)[r] * m.shape[1 - m.dim]
+        return m.sizes[r] * m.shape[1 - m.dim]
 
-    like = work[members[0][0]].update
+    like = units[0].piece
     mine = [m for m in matrices if m.owner == rank]
 
     # 1. shards -> owners
@@ -342,29 +386,86 @@ def _orthogonalise_owned(
         parts = []
         for src in range(world):
             shape = list(m.shape)
-            shape[m.dim] = sizes(m)[src]
+            shape[m.dim] = m.sizes[src]
             parts.append(received[src][k].view(shape))
         full_mats.append(torch.cat(parts, dim=m.dim))
-    ortho = _ns_batched([work[m.index] for m in mine], full_mats)
+    ortho = _ns_batched([units[m.index].work for m in mine], full_mats)
 
     # 2. orthogonalised shards -> their ranks
     send = []
     for dst in range(world):
         row = []
         for m, o in zip(mine, ortho, strict=True):
-            start = sum(sizes(m)[:dst])
-            row.append(o.narrow(m.dim, start, sizes(m)[dst]).reshape(-1))
+            start = sum(m.sizes[:dst])
+            row.append(o.narrow(m.dim, start, m.sizes[dst]).reshape(-1))
         send.append(row)
     owners = [[m for m in matrices if m.owner == src] for src in range(world)]
     recv_sizes = [[numel(m, rank) for m in owners[src]] for src in range(world)]
     received = _all_to_all(send, recv_sizes, like, group)
 
-    results = {i: torch.empty_like(work[i].update) for i, _ in members}
+    results = [torch.empty_like(u.piece) for u in units]
     for src in range(world):
         for m, flat in zip(owners[src], received[src], strict=True):
             target = results[m.index] if m.batch is None else results[m.index][m.batch]
             target.copy_(flat.view(target.shape))
-    return [results[i] for i, _ in members]
+    return results
+
+
+def _orthogonalise_gathered(
+    work: list[_MuonUpdate],
+    members: list[tuple[int, _Split]],
+    group: dist.ProcessGroup,
+    gather_group: dist.ProcessGroup,
+) -> list[Tensor]:
+    """Matrices split over two mesh dims: all-gather over `gather_group` (TP), run the owner
+    scheme over `group` (FSDP) on the gathered rows or columns, keep this rank's TP slice."""
+    t_world, t_rank = dist.get_world_size(gather_group), dist.get_rank(gather_group)
+    f_world = dist.get_world_size(group)
+    updates = [work[i].update for i, _ in members]
+    # piece sizes along the TP-split dim, by TP rank; then the gathered sizes by FSDP rank
+    mine = torch.tensor([u.shape[s.gather_dim] for u, (_, s) in zip(updates, members, strict=True)])
+    t_sizes = _all_gather_rows(mine, gather_group).tolist()  # [tp rank][matrix]
+    gathered = []
+    for k, (u, (_, s)) in enumerate(zip(updates, members, strict=True)):
+        sizes = [t_sizes[r][k] for r in range(t_world)]
+        flat = _all_gather_padded(u, s.gather_dim, sizes, gather_group)
+        gathered.append(flat)
+    g_sizes = torch.tensor([g.shape[s.dim] for g, (_, s) in zip(gathered, members, strict=True)])
+    f_sizes = _all_gather_rows(g_sizes, group).tolist()  # [fsdp rank][matrix]
+    units = [
+        _Unit(work[i], g, s.dim, [f_sizes[r][k] for r in range(f_world)])
+        for k, ((i, s), g) in enumerate(zip(members, gathered, strict=True))
+    ]
+    outs = _orthogonalise_owned(units, group)
+    return [
+        o.narrow(s.gather_dim, sum(t_sizes[r][k] for r in range(t_rank)), t_sizes[t_rank][k])
+        for k, (o, (_, s)) in enumerate(zip(outs, members, strict=True))
+    ]
+
+
+# torch 2.13 renames the tensor-in/tensor-out all-gather; older releases have the old name.
+_all_gather_into = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+
+
+def _all_gather_rows(x: Tensor, group: dist.ProcessGroup) -> Tensor:
+    """all_gather of a small 1-D int tensor: [group size, len(x)]."""
+    world = dist.get_world_size(group)
+    out = x.new_empty(world * x.numel())
+    _all_gather_into(out, x.reshape(-1).contiguous(), group=group)
+    return out.view(world, -1)
+
+
+def _all_gather_padded(x: Tensor, dim: int, sizes: list[int], group: dist.ProcessGroup) -> Tensor:
+    """Concatenate every rank's `x` along `dim` (sizes may differ by rank), in rank order."""
+    longest = max(sizes)
+    pad = list(x.shape)
+    pad[dim] = longest - x.shape[dim]
+    padded = torch.cat((x, x.new_zeros(pad)), dim=dim) if pad[dim] else x
+    flat = padded.new_empty(len(sizes) * padded.numel())
+    _all_gather_into(flat, padded.reshape(-1).contiguous(), group=group)
+    stacked = flat.view(len(sizes), *padded.shape)
+    parts = [stacked[r].narrow(dim, 0, n) for r, n in enumerate(sizes)]
+    return torch.cat(parts, dim=dim)
 
 
 def _assign_owners(matrices: list[_Matrix], world: int) -> None:
