@@ -418,20 +418,41 @@ def _orthogonalise_gathered(
     gather_group: dist.ProcessGroup,
 ) -> list[Tensor]:
     """Matrices split over two mesh dims: all-gather over `gather_group` (TP), run the owner
-    scheme over `group` (FSDP) on the gathered rows or columns, keep this rank's TP slice."""
+    scheme over `group` (FSDP) on the gathered rows or columns, keep this rank's TP slice.
+
+    Per step and group: one all-gather of every matrix's piece (padded to the largest TP
+    piece), two tiny all-gathers of piece sizes, and the owner scheme's two all_to_alls."""
     t_world, t_rank = dist.get_world_size(gather_group), dist.get_rank(gather_group)
     f_world = dist.get_world_size(group)
     updates = [work[i].update for i, _ in members]
-    # piece sizes along the TP-split dim, by TP rank; then the gathered sizes by FSDP rank
-    mine = torch.tensor([u.shape[s.gather_dim] for u, (_, s) in zip(updates, members, strict=True)])
-    t_sizes = _all_gather_rows(mine, gather_group).tolist()  # [tp rank][matrix]
-    gathered = []
+    # piece sizes along the TP-split dim, by TP rank and matrix
+    local_sizes = torch.tensor(
+        [u.shape[s.gather_dim] for u, (_, s) in zip(updates, members, strict=True)]
+    )
+    t_sizes = _all_gather_rows(local_sizes, gather_group).tolist()
+    padded = []
     for k, (u, (_, s)) in enumerate(zip(updates, members, strict=True)):
-        sizes = [t_sizes[r][k] for r in range(t_world)]
-        flat = _all_gather_padded(u, s.gather_dim, sizes, gather_group)
-        gathered.append(flat)
+        pad = list(u.shape)
+        pad[s.gather_dim] = max(t_sizes[r][k] for r in range(t_world)) - u.shape[s.gather_dim]
+        padded.append(
+            torch.cat((u, u.new_zeros(pad)), dim=s.gather_dim) if pad[s.gather_dim] else u
+        )
+    flat = torch.cat([t.reshape(-1) for t in padded])
+    everyone = flat.new_empty(t_world * flat.numel())
+    _all_gather_into(everyone, flat, group=gather_group)
+    by_rank = everyone.view(t_world, -1).split([t.numel() for t in padded], dim=1)
+    gathered = []
+    for k, (t, (_, s)) in enumerate(zip(padded, members, strict=True)):
+        parts = by_rank[k].reshape(t_world, *t.shape)
+        gathered.append(
+            torch.cat(
+                [parts[r].narrow(s.gather_dim, 0, t_sizes[r][k]) for r in range(t_world)],
+                dim=s.gather_dim,
+            )
+        )
+    # the gathered pieces' sizes along the FSDP-split dim, by FSDP rank and matrix
     g_sizes = torch.tensor([g.shape[s.dim] for g, (_, s) in zip(gathered, members, strict=True)])
-    f_sizes = _all_gather_rows(g_sizes, group).tolist()  # [fsdp rank][matrix]
+    f_sizes = _all_gather_rows(g_sizes, group).tolist()
     units = [
         _Unit(work[i], g, s.dim, [f_sizes[r][k] for r in range(f_world)])
         for k, ((i, s), g) in enumerate(zip(members, gathered, strict=True))
@@ -453,19 +474,6 @@ def _all_gather_rows(x: Tensor, group: dist.ProcessGroup) -> Tensor:
     out = x.new_empty(world * x.numel())
     _all_gather_into(out, x.reshape(-1).contiguous(), group=group)
     return out.view(world, -1)
-
-
-def _all_gather_padded(x: Tensor, dim: int, sizes: list[int], group: dist.ProcessGroup) -> Tensor:
-    """Concatenate every rank's `x` along `dim` (sizes may differ by rank), in rank order."""
-    longest = max(sizes)
-    pad = list(x.shape)
-    pad[dim] = longest - x.shape[dim]
-    padded = torch.cat((x, x.new_zeros(pad)), dim=dim) if pad[dim] else x
-    flat = padded.new_empty(len(sizes) * padded.numel())
-    _all_gather_into(flat, padded.reshape(-1).contiguous(), group=group)
-    stacked = flat.view(len(sizes), *padded.shape)
-    parts = [stacked[r].narrow(dim, 0, n) for r, n in enumerate(sizes)]
-    return torch.cat(parts, dim=dim)
 
 
 def _assign_owners(matrices: list[_Matrix], world: int) -> None:
