@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))
 
-from torchrun_utils import DEBUG_TOML, run_train  # noqa: E402
+from tests.distributed.launch import DEBUG_TOML, run_train  # noqa: E402
 
 
 def make_corpus(path: Path, n_long: int = 6, long_words: int = 12_000) -> None:

@@ -6,8 +6,8 @@ registers the `trinity` TrainSpec and its datasets, and lets TorchTitan run on C
 
 from torchtitan.protocols.train_spec import _extra_train_specs, register_train_spec
 
-from trinity_titan.datasets import register_datasets
-from trinity_titan.device import enable_cpu_training
+from trinity_titan.compat.cpu import enable_cpu_training
+from trinity_titan.data.datasets import register_datasets
 from trinity_titan.train_spec import TRAIN_SPEC_NAME, get_train_spec
 
 __version__ = "0.1.0"

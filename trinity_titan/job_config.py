@@ -4,12 +4,23 @@ TorchTitan merges these dataclasses into its own, so every field below is settab
 from the command line (`--moe.balance_method smebu`). A field left at None keeps the flavor's
 default from `trinity_titan.model.flavors`.
 
+Every Trinity default lives here, in its field; the code reads it from the job config. Trinity's
+runs need these sections: `python -m trinity_titan.train` merges this module by itself, and the
+config check refuses a `-m torchtitan.train` job without `[job] custom_config_module`.
+
 No `from __future__ import annotations` here: TorchTitan merges these classes by inspecting real
 (not string) field types.
 """
 
 from dataclasses import dataclass, field
 from typing import Literal
+
+CONFIG_MODULE = "trinity_titan.job_config"
+"""The value of `[job] custom_config_module` that adds these sections to TorchTitan's JobConfig."""
+
+
+class ConfigError(ValueError):
+    """A job config that cannot run. The message names the option (or file) and the fix."""
 
 
 @dataclass

@@ -1,50 +1,132 @@
 """`python -m trinity_titan.train`: TorchTitan's trainer with Trinity's training-loop additions.
 
 The stock `-m torchtitan.train` trains every Trinity config too; this subclass adds what needs the
-training loop itself: the fused linear cross-entropy (`[kernels] fused_loss`), the batch-size ramp
-(`[[data.batch_ramp]]`) and the NaN/inf guard (`[nan_guard]`).
+training loop itself: the config check before the device mesh, the fused linear cross-entropy
+(`[kernels] fused_loss`), the batch-size ramp (`[[data.batch_ramp]]`), SDPA document masks, the
+NaN/inf guard (`[nan_guard]`) and Trinity's metrics. It owns the per-step state (loss statistics,
+the expert-bias balancer, the guard) and hands it to the components that use it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
+import sys
+import tomllib
 from typing import Any
 
 import torch
+from torch import nn
+from torchtitan.components.ft import FTManager
+from torchtitan.components.optimizer import OptimizersContainer
 from torchtitan.config import JobConfig
+from torchtitan.config import Optimizer as OptimizerConfig
 from torchtitan.distributed import ParallelDims
+from torchtitan.protocols.train_spec import TrainSpec
 from torchtitan.tools.logging import logger
-from torchtitan.train import Trainer, main
+from torchtitan.train import main
 
-from trinity_titan.context_parallel import SequenceDocuments
+from trinity_titan.compat.torchtitan import OwnsTrainSpec, save_full_checkpoint
 from trinity_titan.data.ramp import BatchRamp
-from trinity_titan.launcher import mark_trinity_trainer
+from trinity_titan.job_config import CONFIG_MODULE
 from trinity_titan.model.attention import TrinityMasks, document_ids
-from trinity_titan.nan_guard import NanGuard
-from trinity_titan.parallel_degrees import check_job_parallelism
+from trinity_titan.model.lm_head import FusedLoss
+from trinity_titan.optim.builder import build_trinity_optimizers
+from trinity_titan.parallel.context_parallel import SequenceDocuments
+from trinity_titan.training.checks import CheckedJob, check_job
+from trinity_titan.training.expert_bias import ExpertBiasBalancer
+from trinity_titan.training.loss import LossStats, build_trinity_loss
+from trinity_titan.training.metrics import build_trinity_metrics_processor
+from trinity_titan.training.nan_guard import BadStep, NanGuard, drop_gradients
 
 
-class TrinityTrainer(Trainer):
+class TrinityTrainer(OwnsTrainSpec):
     """TorchTitan's Trainer; Trinity features override its hooks, never copy its loop."""
 
+    checked: CheckedJob
+    """The job as checked before the mesh: model args, degrees and tokenizer."""
+    loss_stats: LossStats
+    balancer: ExpertBiasBalancer
+
     def __init__(self, job_config: JobConfig):
-        mark_trinity_trainer()  # before TorchTitan's builders check for it
+        self._stop_after_step: BadStep | None = None
         super().__init__(job_config)
+        self.metrics_processor.watch_experts(self.balancer)
         dims = self.parallel_dims
         self._batch_degree = dims.get_mesh("batch").size() if dims.dp_enabled else 1
         self.batch_ramp = BatchRamp.from_job_config(job_config, self._batch_degree)
         self.nan_guard = NanGuard(
-            job_config.nan_guard, self.model_parts, lambda: self.step, self._checkpoint_now
+            job_config.nan_guard, self.model_parts, self.loss_stats, lambda: self.step
         )
-        kernels = getattr(job_config, "kernels", None)
-        if kernels is not None and kernels.fused_loss and self.parallel_dims.pp_enabled:
-            raise NotImplementedError("[kernels] fused_loss does not support pipeline parallelism")
         if self.nan_guard.enabled:
             self.loss_fn = self.nan_guard.watch_loss(self.loss_fn)
-            self.optimizers.step = self.nan_guard.guard_step(self.optimizers.step)
+        kernels, loss = job_config.kernels, job_config.loss
+        self.fused_loss = (
+            FusedLoss(loss.z_loss_coeff, kernels.loss_chunk_size, kernels.fused_logit_stats)
+            if kernels.fused_loss
+            else None
+        )
+        if self.fused_loss is not None:
+            logger.info(
+                "Fused linear cross-entropy: the LM head computes the loss "
+                f"({self.model_args.kernel_backend} kernels)"
+            )
+
+    # ------------------------------------------------------------------ construction
+    def init_distributed(self) -> ParallelDims:
+        # The one config check, before any mesh, tokenizer, data or model is built.
+        self.checked = check_job(
+            self.job_config, int(os.environ["WORLD_SIZE"]), trinity_trainer=True
+        )
+        self.loss_stats = LossStats(self.checked.model_args.vocab_size)
+        return super().init_distributed()
+
+    def own_train_spec(self, registered: TrainSpec) -> TrainSpec:
+        """The registered spec with builders that use this trainer's checked job and state."""
+        return dataclasses.replace(
+            registered,
+            model_args={self.job_config.model.flavor: self.checked.model_args},
+            build_tokenizer_fn=lambda job_config: self.checked.tokenizer,
+            build_loss_fn=functools.partial(build_trinity_loss, stats=self.loss_stats),
+            build_metrics_processor_fn=functools.partial(
+                build_trinity_metrics_processor, loss_stats=self.loss_stats
+            ),
+            build_optimizers_fn=self._build_optimizers,
+        )
+
+    def _build_optimizers(
+        self,
+        model_parts: list[nn.Module],
+        optimizer_config: OptimizerConfig,
+        parallel_dims: ParallelDims,
+        ft_manager: FTManager | None = None,
+    ) -> OptimizersContainer:
+        optimizers = build_trinity_optimizers(
+            model_parts, optimizer_config, parallel_dims, ft_manager
+        )
+        self.balancer = ExpertBiasBalancer(model_parts, parallel_dims)
+        optimizers.register_step_pre_hook(self._before_optimizer_step)
+        return optimizers
+
+    # ------------------------------------------------------------------ per step
+    def _before_optimizer_step(self, *_args: Any, **_kwargs: Any) -> None:
+        """Close the step: balance the experts and keep the loss statistics, or, on a
+        non-finite step, forget the step and drop its gradients so that no update happens."""
+        bad = self.nan_guard.check_step() if self.nan_guard.enabled else None
+        if bad is None:
+            self.balancer.update()
+            self.loss_stats.close_step()
+            return
+        self.balancer.discard_step()
+        self.loss_stats.discard_step()
+        drop_gradients(self.model_parts)
+        if self.nan_guard.skip(bad):
+            self._stop_after_step = bad
 
     def train_step(self, data_iterator):
-        """Batch ramp: set gradient accumulation from the global tokens seen before this step."""
+        """Batch ramp: set gradient accumulation from the global tokens seen before this step.
+        A stop of the NaN guard happens after the step, so the LR schedule has advanced."""
         if self.batch_ramp.thresholds:
             tokens = self.ntokens_seen * self._batch_degree  # checkpointed by the Trainer
             accum = self.batch_ramp.grad_accum_at(
@@ -57,18 +139,11 @@ class TrinityTrainer(Trainer):
                     f"gradient accumulation steps {accum}"
                 )
                 self.gradient_accumulation_steps = accum
-        return super().train_step(data_iterator)
-
-    def _checkpoint_now(self, step: int) -> None:
-        """A full, resumable checkpoint of `step` now (TorchTitan's last-step save may be weights only)."""
-        if not self.checkpointer.enable:
-            return
-        interval = self.checkpointer.interval
-        self.checkpointer.interval = 1
-        try:
-            self.checkpointer.save(step)
-        finally:
-            self.checkpointer.interval = interval
+        super().train_step(data_iterator)
+        bad, self._stop_after_step = self._stop_after_step, None
+        if bad is not None:
+            save_full_checkpoint(self.checkpointer, self.step)
+            raise self.nan_guard.stop_error(bad, saved=self.checkpointer.enable)
 
     def post_dataloading_process(
         self, input_dict: dict[str, torch.Tensor], labels: torch.Tensor
@@ -91,22 +166,34 @@ class TrinityTrainer(Trainer):
                 if whole is not None
                 else self.model_parts[0].get_attention_masks(inputs, self.tokenizer)
             )
-        kernels = getattr(self.job_config, "kernels", None)
-        if kernels is not None and kernels.fused_loss:
+        if self.fused_loss is not None:
             extra_inputs["labels"] = labels
-            if not getattr(self, "_fused_loss_logged", False):
-                logger.info(
-                    "Fused linear cross-entropy: the LM head computes the loss "
-                    f"({self.model_args.kernel_backend} kernels)"
-                )
-                self._fused_loss_logged = True
+            extra_kwargs["fused_loss"] = self.fused_loss
         return inputs, labels, extra_inputs, extra_kwargs
 
-    def init_distributed(self) -> ParallelDims:
-        # Trinity's layout checks (one message naming the option) before any mesh is built.
-        check_job_parallelism(self.job_config, int(os.environ["WORLD_SIZE"]))
-        return super().init_distributed()
+
+def with_trinity_config(argv: list[str]) -> list[str]:
+    """`argv` plus `--job.custom_config_module trinity_titan.job_config` unless the command line
+    or its TOML names a module, so that Trinity's TOML sections parse without that line."""
+    names = ("--job.custom_config_module", "--job.custom-config-module")
+    if any(a.split("=")[0] in names for a in argv):
+        return argv
+    config_file = next(
+        (
+            a.split("=", 1)[1] if "=" in a else argv[i + 1]
+            for i, a in enumerate(argv)
+            if a.split("=")[0] in ("--job.config_file", "--job.config-file")
+            and ("=" in a or i + 1 < len(argv))
+        ),
+        None,
+    )
+    if config_file is not None and os.path.isfile(config_file):
+        with open(config_file, "rb") as f:
+            if tomllib.load(f).get("job", {}).get("custom_config_module"):
+                return argv
+    return [*argv, "--job.custom_config_module", CONFIG_MODULE]
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = with_trinity_config(sys.argv[1:])
     main(TrinityTrainer)

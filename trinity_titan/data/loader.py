@@ -8,7 +8,7 @@ into ({"input": row[:-1]}, row[1:]); documents end in EOS, which is what documen
 StatefulDataLoader) checkpoints each worker's state: sources' file positions and epochs, the
 mixture RNG, the RSDB buffer with its read heads and RNG, and the tokens emitted (the phase).
 
-Without sources the DP-invariant debug loader (trinity_titan.dataloader) is used unchanged.
+Without sources the DP-invariant debug loader (data/debug_loader.py) is used unchanged.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from torchtitan.components.dataloader import ParallelAwareDataloader
 from torchtitan.components.tokenizer import BaseTokenizer
 from torchtitan.config import JobConfig
 
+from trinity_titan.data.debug_loader import build_debug_dataloader
 from trinity_titan.data.mixture import Mixture, PhaseSchedule
 from trinity_titan.data.packing import SequentialPacker
-from trinity_titan.data.ramp import BatchRamp, require_ramp_support
 from trinity_titan.data.rsdb import RSDB
 from trinity_titan.data.sources import HFDocumentSource, SourceSpec
-from trinity_titan.dataloader import build_trinity_dataloader
+from trinity_titan.job_config import ConfigError
 
 
 class PackedDocumentStream(IterableDataset, Stateful):
@@ -46,8 +46,6 @@ class PackedDocumentStream(IterableDataset, Stateful):
         dp_rank: int = 0,
         dp_world_size: int = 1,
     ):
-        if mixing not in ("rsdb", "sequential"):
-            raise ValueError(f"data.mixing must be 'rsdb' or 'sequential', got {mixing!r}")
         self.make_sources = make_sources
         self.schedule = schedule
         self.seq_len = seq_len
@@ -125,7 +123,7 @@ def schedule_from_config(specs: list[SourceSpec], phases: list[dict[str, Any]]) 
         return PhaseSchedule.single([s.weight for s in specs])
     for p in phases:
         if set(p) != {"tokens", "weights"}:
-            raise ValueError(f"data.phases entry {p}: needs exactly tokens, weights")
+            raise ConfigError(f"[[data.phases]] entry {p}: needs exactly tokens and weights")
     return PhaseSchedule([int(p["tokens"]) for p in phases], [list(p["weights"]) for p in phases])
 
 
@@ -137,14 +135,9 @@ def build_data_dataloader(
     infinite: bool = True,
 ) -> ParallelAwareDataloader:
     """The TrainSpec's build_dataloader_fn: the [data] pipeline, or the debug loader without it."""
-    data, training = getattr(job_config, "data", None), job_config.training
-    if data is None:  # a TOML without `custom_config_module = "trinity_titan.job_config"`
-        return build_trinity_dataloader(dp_world_size, dp_rank, tokenizer, job_config, infinite)
-    ramp = BatchRamp.from_job_config(job_config, dp_world_size)
-    require_ramp_support(ramp)
-    ramp.validate(training.local_batch_size, dp_world_size)
+    data, training = job_config.data, job_config.training
     if not data.sources:
-        return build_trinity_dataloader(dp_world_size, dp_rank, tokenizer, job_config, infinite)
+        return build_debug_dataloader(dp_world_size, dp_rank, tokenizer, job_config, infinite)
 
     specs = [SourceSpec.from_dict(d) for d in data.sources]
     loop = infinite and data.infinite

@@ -15,6 +15,8 @@ from typing import Any, Protocol
 import numpy as np
 from torchtitan.tools.logging import logger
 
+from trinity_titan.job_config import ConfigError
+
 
 class DocumentSource(Protocol):
     """A resumable stream of tokenized documents."""
@@ -31,16 +33,28 @@ class PhaseSchedule:
 
     def __init__(self, budgets: list[int], weights: list[list[float]]):
         if len(budgets) != len(weights) or not budgets:
-            raise ValueError(
-                f"need one weight list per phase: {len(budgets)} budgets, {len(weights)} weights"
+            raise ConfigError(
+                f"[[data.phases]]: need one weight list per phase: {len(budgets)} budgets, "
+                f"{len(weights)} weights"
             )
         widths = {len(w) for w in weights}
         if len(widths) != 1:
-            raise ValueError(f"every phase needs one weight per source, got widths {widths}")
+            raise ConfigError(
+                f"[[data.phases]]: every phase needs one weight per source, got widths {widths}"
+            )
         if any(b <= 0 for b in budgets) or any(min(w) < 0 or sum(w) <= 0 for w in weights):
-            raise ValueError("phase budgets must be > 0 and weights >= 0 with a positive sum")
+            raise ConfigError(
+                "[[data.phases]]: tokens must be > 0 and weights >= 0 with a positive sum"
+            )
         self.boundaries = np.cumsum(np.asarray(budgets, dtype=np.int64)).tolist()
         self.weights = [np.asarray(w, dtype=np.float64) for w in weights]
+
+    def check_sources(self, n: int) -> None:
+        if len(self.weights[0]) != n:
+            raise ConfigError(
+                f"[[data.phases]] give {len(self.weights[0])} weights for {n} [[data.sources]]. "
+                "Fix: one weight per source in every phase."
+            )
 
     @classmethod
     def single(cls, weights: list[float]) -> PhaseSchedule:
@@ -57,10 +71,7 @@ class Mixture:
     """Draws documents from `sources` under the phase weights at the current token count."""
 
     def __init__(self, sources: list[DocumentSource], schedule: PhaseSchedule, seed):
-        if len(schedule.weights[0]) != len(sources):
-            raise ValueError(
-                f"{len(sources)} sources but phases give {len(schedule.weights[0])} weights"
-            )
+        schedule.check_sources(len(sources))
         self.sources = sources
         self.schedule = schedule
         self._rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed)))

@@ -11,13 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from trinity_titan.launcher import require_trinity_trainer
-
-
-def require_ramp_support(ramp: BatchRamp) -> None:
-    """Fail early when a ramp is configured but the stock trainer would silently ignore it."""
-    if ramp.thresholds:
-        require_trinity_trainer("[[data.batch_ramp]] (the stock trainer ignores it)")
+from trinity_titan.job_config import ConfigError
 
 
 class BatchRamp:
@@ -27,7 +21,9 @@ class BatchRamp:
         entries = sorted(entries, key=lambda e: int(e["tokens"]))
         for e in entries:
             if set(e) != {"tokens", "global_batch_size"}:
-                raise ValueError(f"batch_ramp entry {e}: needs exactly tokens, global_batch_size")
+                raise ConfigError(
+                    f"[[data.batch_ramp]] entry {e}: needs exactly tokens and global_batch_size"
+                )
         self.initial = initial_global_batch
         self.thresholds = [int(e["tokens"]) for e in entries]
         self.sizes = [int(e["global_batch_size"]) for e in entries]
@@ -38,8 +34,7 @@ class BatchRamp:
         initial = training.global_batch_size
         if initial < 0:
             initial = training.local_batch_size * dp_degree
-        data = getattr(job_config, "data", None)
-        return cls(initial, list(data.batch_ramp) if data is not None else [])
+        return cls(initial, list(job_config.data.batch_ramp))
 
     def global_batch_at(self, tokens: int) -> int:
         size = self.initial
@@ -56,9 +51,10 @@ class BatchRamp:
     def grad_accum_for(size: int, local_batch_size: int, dp_degree: int) -> int:
         per_micro = local_batch_size * dp_degree
         if size <= 0 or size % per_micro:
-            raise ValueError(
-                f"global batch {size} is not a positive multiple of local_batch_size x DP degree "
-                f"({local_batch_size} x {dp_degree})"
+            raise ConfigError(
+                f"global batch {size} is not a positive multiple of training.local_batch_size x "
+                f"the data-parallel degree ({local_batch_size} x {dp_degree}); change "
+                "--training.global_batch_size, the [[data.batch_ramp]] sizes or the local batch"
             )
         return size // per_micro
 

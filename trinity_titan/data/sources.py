@@ -20,6 +20,8 @@ from datasets import IterableDataset, load_dataset
 from datasets.distributed import split_dataset_by_node
 from torchtitan.components.tokenizer import BaseTokenizer
 
+from trinity_titan.job_config import ConfigError
+
 _FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
 
 
@@ -40,7 +42,10 @@ class SourceSpec:
     def from_dict(cls, d: dict[str, Any]) -> SourceSpec:
         unknown = set(d) - {"path", "name", "split", "text_field", "weight"}
         if unknown or "path" not in d:
-            raise ValueError(f"data source {d}: needs 'path', unknown keys {sorted(unknown)}")
+            raise ConfigError(
+                f"[[data.sources]] entry {d}: needs a path; unknown keys {sorted(unknown)}. Fix: "
+                "use path, name, split, text_field and weight"
+            )
         return cls(
             path=str(d["path"]),
             name=d.get("name"),

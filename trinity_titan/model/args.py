@@ -12,16 +12,12 @@ from torchtitan.protocols.model import BaseModelArgs
 from torchtitan.tools.logging import logger
 from torchtitan.tools.utils import has_cuda_capability
 
+from trinity_titan.job_config import ConfigError
 from trinity_titan.kernels.backend import resolve_backend
-from trinity_titan.parallel_degrees import validate_parallelism, world_size_from_env
 
 AttnBackend = Literal["sdpa", "flex"]
 AttnMaskType = Literal["causal", "block_causal"]
 BalanceMethod = Literal["none", "aux_free", "smebu"]
-
-
-class ModelArgsError(ValueError):
-    """Model settings the model cannot be built with; the message names the fields to change."""
 
 
 @dataclass
@@ -80,15 +76,9 @@ class TrinityModelArgs(BaseModelArgs):
     init_std: float | None = None
     """Std of every weight's truncated normal (cut at +-3 std); None means 0.5 / sqrt(dim)."""
 
-    # Fused kernels (set from the [kernels] and [loss] TOML sections)
+    # Fused kernels (resolved from the [kernels] TOML section)
     kernel_backend: Literal["torch", "liger"] = "torch"
     """RMSNorm, SwiGLU and fused-loss implementation, resolved from `[kernels] backend`."""
-    loss_chunk_size: int = 1024
-    """Tokens per chunk of the fused linear cross-entropy's PyTorch path."""
-    z_loss_coeff: float = 0.0
-    """z-loss coefficient the fused loss uses (from `[loss] z_loss_coeff` when that exists)."""
-    fused_logit_stats: bool = True
-    """Exact max/mean logit in the fused Liger loss, at the cost of one more no-grad head matmul."""
 
     # ------------------------------------------------------------------ derived shapes
     @property
@@ -119,38 +109,26 @@ class TrinityModelArgs(BaseModelArgs):
         if self.sliding_window < 1:
             problems.append(f"sliding_window ({self.sliding_window}) must be >= 1")
         if problems:
-            raise ModelArgsError("Invalid Trinity model args: " + "; ".join(problems))
+            raise ConfigError("invalid Trinity model args: " + "; ".join(problems))
 
     # ------------------------------------------------------------------ torchtitan protocol
     def update_from_config(self, job_config: JobConfig, **kwargs) -> None:
-        """Apply the job's sequence length and the TOML overrides of the flavor defaults."""
+        """Apply the job's sequence length and the TOML overrides of the flavor defaults
+        (`[model]` attention, `[moe]`, `[kernels] backend`). Checks live in training/checks.py."""
         self.max_seq_len = job_config.training.seq_len
-        model_cfg = job_config.model
         for name in ("attn_type", "attn_mask_type"):
-            value = getattr(model_cfg, name, None)
+            value = getattr(job_config.model, name)
             if value:
                 setattr(self, name, value)
-        moe_cfg = getattr(job_config, "moe", None)
-        if moe_cfg is not None:
-            for f in fields(moe_cfg):
-                value = getattr(moe_cfg, f.name)
-                if value is not None and hasattr(self, f.name):
-                    setattr(self, f.name, value)
-        kernels_cfg = getattr(job_config, "kernels", None)
-        if kernels_cfg is not None:
-            self.kernel_backend = resolve_backend(kernels_cfg.backend)
-            self.loss_chunk_size = kernels_cfg.loss_chunk_size
-            self.fused_logit_stats = kernels_cfg.fused_logit_stats
-        z_loss_coeff = getattr(getattr(job_config, "loss", None), "z_loss_coeff", None)
-        if z_loss_coeff is not None:
-            self.z_loss_coeff = z_loss_coeff
+        for f in fields(job_config.moe):  # [moe] fields are named like these args
+            value = getattr(job_config.moe, f.name)
+            if value is not None:
+                setattr(self, f.name, value)
+        self.kernel_backend = resolve_backend(job_config.kernels.backend)
         if self.use_grouped_mm and not has_cuda_capability(9, 0):
             logger.info("torch._grouped_mm needs SM90+; routed experts use a per-expert loop")
             self.use_grouped_mm = False
         self.validate()
-        world_size = kwargs.get("world_size") or world_size_from_env()
-        if world_size is not None:
-            validate_parallelism(self, job_config.parallelism, self.max_seq_len, world_size)
 
     def get_nparams_and_flops(self, model: nn.Module, seq_len: int) -> tuple[int, int]:
         """Total parameters and training FLOPs per token (6 x active non-embedding params + attention).
@@ -178,20 +156,20 @@ class TrinityModelArgs(BaseModelArgs):
     def from_hf_config(cls, config: dict[str, Any], **overrides: Any) -> TrinityModelArgs:
         """Build args from an HF AFMoE ``config.json`` dict (rope_theta or rope_parameters)."""
         if config.get("model_type", "afmoe") != "afmoe":
-            raise ValueError(
+            raise ConfigError(
                 f"expected an HF config with model_type 'afmoe', got {config.get('model_type')!r}"
             )
         rope = config.get("rope_parameters") or {}
         rope_type = rope.get("rope_type", "default")
         if rope_type != "default":
-            raise ValueError(f"rope_type {rope_type!r} is not supported (only 'default')")
+            raise ConfigError(f"rope_type {rope_type!r} is not supported (only 'default')")
         rope_theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
         if config.get("tie_word_embeddings", False):
-            raise ValueError(
+            raise ConfigError(
                 "Trinity has an untied LM head; tie_word_embeddings=True is not supported"
             )
         if config.get("attention_bias", False):
-            raise ValueError(
+            raise ConfigError(
                 "Trinity has no attention biases; attention_bias=True is not supported"
             )
         n_layers = config["num_hidden_layers"]
@@ -203,7 +181,7 @@ class TrinityModelArgs(BaseModelArgs):
                 for i in range(n_layers)
             ]
             if list(layer_types) != expected:
-                raise ValueError(
+                raise ConfigError(
                     f"layer_types must follow global_attn_every_n_layers={every}; got {layer_types}"
                 )
         n_heads = config["num_attention_heads"]

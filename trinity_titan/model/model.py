@@ -20,7 +20,7 @@ from trinity_titan.model.attention import (
     precompute_rope_cache,
 )
 from trinity_titan.model.init import trunc_normal_3sigma_
-from trinity_titan.model.lm_head import TrinityLMHead
+from trinity_titan.model.lm_head import FusedLoss, TrinityLMHead
 from trinity_titan.model.moe import TrinityFeedForward, TrinityMoE
 
 
@@ -88,7 +88,9 @@ class TrinityModel(ModelProtocol):
             {str(i): TrinityBlock(i, model_args) for i in range(model_args.n_layers)}
         )
         self.norm = RMSNorm(model_args.dim, model_args.norm_eps, model_args.kernel_backend)
-        self.output = TrinityLMHead(model_args)
+        self.output = TrinityLMHead(
+            model_args.dim, model_args.vocab_size, model_args.kernel_backend
+        )
 
     def _rope_cache(self, device: torch.device | None = None) -> torch.Tensor:
         a = self.model_args
@@ -139,11 +141,12 @@ class TrinityModel(ModelProtocol):
         attention_masks: TrinityMasks | None = None,
         positions: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        fused_loss: FusedLoss | None = None,
     ) -> torch.Tensor | LossTerms:
         """tokens [bs, seq] (or hidden states under pipeline stages) -> logits [bs, seq, vocab].
 
-        With `labels` ([bs, seq]) the head returns the fused loss terms (`LossTerms`) instead of
-        logits, so the [tokens, vocab] logits are never materialised.
+        With `labels` ([bs, seq]) and `fused_loss` the head returns the fused loss terms
+        (`LossTerms`) instead of logits, so the [tokens, vocab] logits are never materialised.
         """
         if attention_masks is None:
             attention_masks = self.get_attention_masks(tokens)
@@ -159,4 +162,6 @@ class TrinityModel(ModelProtocol):
             h = self.norm(h)
         if self.output is None:
             return h
-        return self.output(h) if labels is None else self.output(h, labels=labels)
+        if labels is None:
+            return self.output(h)
+        return self.output(h, labels=labels, loss=fused_loss)

@@ -7,23 +7,21 @@ FSDP and torch.compile code applies to them unchanged (it keys on these types an
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
-from torch import nn
 from torch.distributed.tensor import DTensor
 from torchtitan.models.moe.moe import (
     FeedForward,
     GroupedExperts,
     MoE,
+    MoEArgs,
     TokenChoiceTopKRouter,
-    TokenReorderer,
 )
 from torchtitan.models.moe.utils import indices_padding_wrapper
 
-from trinity_titan.balance_loss import add_aux_loss, sequence_balance_loss
+from trinity_titan.compat.cpu import CpuSafeTokenReorderer
 from trinity_titan.kernels import silu_mul
 from trinity_titan.model.args import TrinityModelArgs
+from trinity_titan.model.balance_loss import BalanceLossLayout, add_aux_loss, sequence_balance_loss
 from trinity_titan.model.init import trunc_normal_3sigma_
 
 
@@ -43,6 +41,7 @@ class TrinityFeedForward(FeedForward):
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # TorchTitan's forward with its fixed F.silu(w1 x) * w3 x replaced by the kernel backend's.
         return self.w2(silu_mul(self.w1(x), self.w3(x), self.backend))
 
     def init_weights(self, init_std: float) -> None:
@@ -53,7 +52,8 @@ class TrinityFeedForward(FeedForward):
 class TrinityRouter(TokenChoiceTopKRouter):
     """Sigmoid scores in fp32; top-k on scores + bias; gates = normalised top-k scores * route_scale.
 
-    The bias only steers the choice; the gates come from the unbiased scores.
+    The bias only steers the choice; the gates come from the unbiased scores. The forward is
+    Trinity's own: it also returns the scores (for the balance loss) and counts without histc.
     """
 
     def forward(
@@ -71,24 +71,13 @@ class TrinityRouter(TokenChoiceTopKRouter):
         trunc_normal_3sigma_(self.gate.weight, init_std)
 
 
-class TrinityReorderer(TokenReorderer):
-    """Sorts (token, slot) pairs by expert; same contract as TorchTitan's, CPU-safe counting."""
-
-    def forward(
-        self, top_scores: torch.Tensor, selected_experts_indices: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        num_tokens_per_expert = count_tokens(selected_experts_indices, self.num_experts)
-        token_indices_experts_sorted = torch.argsort(selected_experts_indices.view(-1), stable=True)
-        top_scores_experts_sorted = top_scores.view(-1)[token_indices_experts_sorted]
-        return top_scores_experts_sorted, token_indices_experts_sorted, num_tokens_per_expert
-
-
 class TrinityExperts(GroupedExperts):
     """Routed experts as 3-D weights: w1 (gate) [E, I, d], w2 (down) [E, d, I], w3 (up) [E, I, d].
 
     Same contract as TorchTitan's GroupedExperts (tokens sorted by expert, counts per expert;
     under expert parallelism the weights are DTensors and the tokens already padded), with the
-    SwiGLU activation from `trinity_titan.kernels` so Liger's kernel can serve it.
+    SwiGLU activation from `trinity_titan.kernels` so Liger's kernel can serve it. The forward is
+    Trinity's own because TorchTitan's fixes both the activation and the per-expert helpers.
     """
 
     def __init__(
@@ -152,22 +141,39 @@ def in_first_forward() -> bool:
 class TrinityMoE(MoE):
     """y = shared(x) + sum_k gate_k * expert_k(x), routed by `TrinityRouter`.
 
+    Built by TorchTitan's `MoE.__init__` (so every attribute TorchTitan's parallel code reads is
+    TorchTitan's own), with Trinity's router, experts and shared expert in place of its defaults.
     `expert_bias` (fp32 buffer, not trained by gradients) is updated before each optimizer step
-    from `tokens_per_expert` (see trinity_titan.balancing); SMEBU keeps its momentum in
-    `expert_bias_momentum` so that it is checkpointed with the model.
-    With `balance_loss_coeff` > 0 the sequence-wise balance loss is added to the training loss
-    through the backward of the output (trinity_titan.balance_loss); `balance_loss_seq_weight`
-    is the weight of one sequence (1 / sequences in the global batch, set by the parallelizer;
-    None means the mean over this forward's sequences). The parallelizer also sets
-    `balance_hits_reducer` where ranks hold parts of the same sequences and
-    `balance_loss_grad_scale` where ranks compute the same loss (trinity_titan.balance_loss).
+    from `tokens_per_expert` by trinity_titan.training.expert_bias; SMEBU keeps its momentum in
+    `expert_bias_momentum` so that it is checkpointed with the model. With `balance_loss_coeff`
+    > 0 the sequence-wise balance loss is added to the training objective through the backward
+    of the output (model/balance_loss.py), laid out by `set_balance_loss_layout`.
     """
 
     def __init__(self, args: TrinityModelArgs) -> None:
-        # MoE.__init__ would build TorchTitan's default router and experts only for us to replace
-        # them, so initialise the Module directly and set every attribute TorchTitan's code reads.
-        nn.Module.__init__(self)
         num_experts = args.num_experts
+        super().__init__(
+            MoEArgs(
+                num_experts=num_experts,
+                num_shared_experts=args.num_shared_experts,
+                score_func="sigmoid",
+                route_norm=True,
+                route_scale=args.route_scale,
+                score_before_experts=False,
+                top_k=args.top_k,
+                use_grouped_mm=args.use_grouped_mm,
+                # TorchTitan registers `expert_bias` only with a coefficient; Trinity's own update
+                # (training/expert_bias.py) reads the flavor's settings, not this field.
+                load_balance_coeff=args.balance_gamma,
+            ),
+            dim=args.dim,
+            hidden_dim=args.moe_hidden_dim,
+        )
+        # Trinity's modules replace TorchTitan's defaults, registered in the model's own order
+        # (router, reorderer, experts, shared expert): the parameter order fixes the optimizer's
+        # and the gradient norm's summation order, and so keeps runs bitwise reproducible.
+        for name in ("router", "reorderer", "experts", "shared_experts"):
+            delattr(self, name)
         self.router = TrinityRouter(
             dim=args.dim,
             num_experts=num_experts,
@@ -179,7 +185,7 @@ class TrinityMoE(MoE):
             route_scale=args.route_scale,
             gate_bias=False,
         )
-        self.reorderer = TrinityReorderer(num_experts=num_experts, top_k=args.top_k)
+        self.reorderer = CpuSafeTokenReorderer(num_experts=num_experts, top_k=args.top_k)
         self.experts = TrinityExperts(
             dim=args.dim,
             hidden_dim=args.moe_hidden_dim,
@@ -190,31 +196,19 @@ class TrinityMoE(MoE):
         self.shared_experts = TrinityFeedForward(
             args.dim, args.moe_hidden_dim * args.num_shared_experts, backend=args.kernel_backend
         )
-        self.score_before_experts = False
-        # TorchTitan's own bias-update hook keys on this; Trinity registers its own (balancing.py).
-        self.load_balance_coeff = None
-        self.balance_method = args.balance_method
-        self.balance_gamma = args.balance_gamma
-        self.smebu_lambda = args.smebu_lambda
-        self.smebu_beta = args.smebu_beta
-        self.smebu_kappa = args.smebu_kappa
         self.balance_loss_coeff = args.balance_loss_coeff
-        self.balance_loss_seq_weight: float | None = None
-        self.balance_hits_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
-        self.balance_loss_grad_scale = 1.0
-        self.register_buffer(
-            "expert_bias", torch.zeros(num_experts, dtype=torch.float32), persistent=True
-        )
+        self.balance_layout = BalanceLossLayout()
         self.register_buffer(
             "expert_bias_momentum", torch.zeros(num_experts, dtype=torch.float32), persistent=True
-        )
-        self.register_buffer(
-            "tokens_per_expert", torch.zeros(num_experts, dtype=torch.float32), persistent=False
         )
         # Sum of the (weighted) balance-loss values of the step's forwards, for logging.
         self.register_buffer(
             "balance_loss_sum", torch.zeros((), dtype=torch.float32), persistent=False
         )
+
+    def set_balance_loss_layout(self, layout: BalanceLossLayout) -> None:
+        """The parallelizer's description of how this layer's balance loss spans ranks."""
+        self.balance_layout = layout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bs, slen, dim = x.shape
@@ -238,16 +232,17 @@ class TrinityMoE(MoE):
         )
         out = (shared + routed.to(x.dtype)).view(bs, slen, dim)
         if self.balance_loss_coeff and torch.is_grad_enabled():
+            layout = self.balance_layout
             per_seq = sequence_balance_loss(
                 scores.view(bs, slen, -1),
                 selected.view(bs, slen, top_k),
-                reduce_hits=self.balance_hits_reducer,
+                reduce_hits=layout.reduce_hits,
             )
-            weight = self.balance_loss_seq_weight or 1.0 / bs
+            weight = layout.seq_weight or 1.0 / bs
             aux = self.balance_loss_coeff * weight * per_seq.sum()
             if first_forward:
                 self.balance_loss_sum.add_(aux.detach())
-            out = add_aux_loss(out, aux, self.balance_loss_grad_scale)
+            out = add_aux_loss(out, aux, layout.grad_scale)
         return out
 
     def init_weights(self, init_std: float, buffer_device: torch.device | None = None) -> None:

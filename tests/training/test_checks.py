@@ -1,0 +1,96 @@
+"""Bad configs fail before any compute, each with one message that names the option and the fix."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+import trinity_titan  # noqa: F401  (registers the train spec)
+from tests.fixtures import DEBUG_ASSETS, debug_job_config
+from trinity_titan.job_config import ConfigError
+from trinity_titan.training.checks import check_job
+
+
+def build(*overrides: str, trinity_trainer: bool = True):
+    """The job check on the debug config; returns the tokenizer it built."""
+    cfg = debug_job_config(*overrides)
+    return check_job(cfg, 1, trinity_trainer=trinity_trainer).tokenizer
+
+
+def test_the_debug_config_is_valid():
+    assert build().get_vocab_size() <= 2048
+
+
+def test_unknown_flavor():
+    with pytest.raises(ConfigError, match=r"flavor = 'tiny'.*--model.flavor to one of"):
+        build("--model.flavor", "tiny")
+
+
+def test_missing_tokenizer_folder(tmp_path):
+    with pytest.raises(ConfigError, match=r"hf_assets_path = .* is not a directory"):
+        build("--model.hf_assets_path", str(tmp_path / "nowhere"))
+
+
+def test_folder_without_tokenizer(tmp_path):
+    with pytest.raises(ConfigError, match=r"holds no tokenizer.json"):
+        build("--model.hf_assets_path", str(tmp_path))
+
+
+def test_missing_dataset_path(tmp_path):
+    with pytest.raises(ConfigError, match=r"dataset_path = .* does not exist"):
+        build("--training.dataset_path", str(tmp_path / "corpus.jsonl"))
+
+
+def test_unregistered_dataset():
+    with pytest.raises(ConfigError, match=r"dataset = 'c5' is not registered"):
+        build("--training.dataset", "c5")
+
+
+def test_missing_data_source(tmp_path):
+    with pytest.raises(ConfigError, match=r"entry 0: path = .* matches no file"):
+        build("--data.sources", "path", str(tmp_path / "web" / "*.parquet"))
+
+
+def test_tokenizer_vocab_larger_than_the_model(tmp_path):
+    big = tmp_path / "tokenizer"
+    shutil.copytree(DEBUG_ASSETS, big, ignore=shutil.ignore_patterns("*.jsonl"))
+    tok = json.loads((big / "tokenizer.json").read_text())
+    n = len(tok["model"]["vocab"]) + len(tok.get("added_tokens", []))
+    for i in range(2048 - n + 10):  # push the vocab past the debug model's 2048
+        tok["model"]["vocab"][f"<extra_{i}>"] = n + i
+    (big / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(ConfigError, match=r"more than the 2048 of flavor 'debugmodel'"):
+        build("--model.hf_assets_path", str(big))
+
+
+def test_sdpa_document_masking_needs_trinity_trainer():
+    docs = ("--model.attn_mask_type", "block_causal")
+    with pytest.raises(ConfigError, match=r"--model.attn_type flex.*trinity_titan.train"):
+        build(*docs, trinity_trainer=False)  # as under -m torchtitan.train
+    build(*docs, "--model.attn_type", "flex", trinity_trainer=False)
+    build(*docs)
+
+
+def test_a_config_without_trinity_sections_names_the_line_to_add(tmp_path):
+    # TorchTitan's own JobConfig: what -m torchtitan.train parses without custom_config_module
+    from torchtitan.config import ConfigManager
+
+    toml = tmp_path / "plain.toml"
+    toml.write_text('[model]\nname = "trinity"\nflavor = "debugmodel"\n')
+    cfg = ConfigManager().parse_args(["--job.config_file", str(toml)])
+    with pytest.raises(ConfigError, match=r'custom_config_module = "trinity_titan.job_config"'):
+        check_job(cfg, 1, trinity_trainer=False)
+
+
+def test_document_masking_needs_an_eos_token(tmp_path):
+    no_eos = tmp_path / "tokenizer"
+    shutil.copytree(DEBUG_ASSETS, no_eos, ignore=shutil.ignore_patterns("*.jsonl"))
+    config = json.loads((no_eos / "tokenizer_config.json").read_text())
+    config.pop("eos_token", None)
+    (no_eos / "tokenizer_config.json").write_text(json.dumps(config))
+    args = ("--model.hf_assets_path", str(no_eos), "--model.attn_type", "flex")
+    assert build(*args).eos_id is None
+    with pytest.raises(ConfigError, match=r"has no EOS token.*--model.attn_mask_type causal"):
+        build(*args, "--model.attn_mask_type", "block_causal")

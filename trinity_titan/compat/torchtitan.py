@@ -1,0 +1,44 @@
+"""Work-arounds for TorchTitan 0.2.2 itself (its CPU gaps are in compat/cpu.py).
+
+- `OwnsTrainSpec`: TorchTitan's `Trainer.__init__` looks the registered TrainSpec up
+  (`self.train_spec = get_train_spec(...)`) and builds every component from it, with no hook in
+  between. Declaring `train_spec` a property lets a Trainer subclass hand TorchTitan a spec of its
+  own, whose builders are bound to the trainer, so the components they build share its state by
+  reference instead of through module globals.
+- `save_full_checkpoint`: 0.2.2's CheckpointManager saves only on its interval (or a last-step
+  save, which may be model-only); a run that must stop now needs a full, resumable save.
+"""
+
+from __future__ import annotations
+
+from torchtitan.components.checkpoint import CheckpointManager
+from torchtitan.protocols.train_spec import TrainSpec
+from torchtitan.train import Trainer
+
+
+class OwnsTrainSpec(Trainer):
+    """A TorchTitan Trainer whose components come from `own_train_spec(registered spec)`."""
+
+    @property
+    def train_spec(self) -> TrainSpec:
+        return self._own_train_spec
+
+    @train_spec.setter
+    def train_spec(self, registered: TrainSpec) -> None:
+        self._own_train_spec = self.own_train_spec(registered)
+
+    def own_train_spec(self, registered: TrainSpec) -> TrainSpec:
+        """The spec this trainer builds from; by default the registered one."""
+        return registered
+
+
+def save_full_checkpoint(checkpointer: CheckpointManager, step: int) -> None:
+    """A full, resumable checkpoint of `step` now (no-op when checkpointing is off)."""
+    if not checkpointer.enable:
+        return
+    interval = checkpointer.interval
+    checkpointer.interval = 1
+    try:
+        checkpointer.save(step)
+    finally:
+        checkpointer.interval = interval

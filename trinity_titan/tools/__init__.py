@@ -1,0 +1,1 @@
+"""Command-line tools, apart from the runtime: planner, memory estimate, benchmark, checkpoint conversion, NIAH evaluation."""
