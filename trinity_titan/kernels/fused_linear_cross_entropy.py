@@ -141,11 +141,14 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_unused):
+        # Scale in fp32, then cast: the upstream gradient (1 / num_tokens) is mostly not a bf16
+        # number, and rounding it first would scale every gradient by up to 1 +- 2^-9.
+        scale = grad_loss.float()
         grad_h, grad_w = ctx.saved_tensors
         if grad_h is not None:
-            grad_h = grad_h * grad_loss.to(grad_h.dtype)
-        if grad_w is not None:
-            grad_w = (grad_w * grad_loss.float()).to(ctx.weight_dtype)
+            grad_h = (grad_h.float() * scale).to(grad_h.dtype)
+        if grad_w is not None:  # accumulated in fp32
+            grad_w = (grad_w * scale).to(ctx.weight_dtype)
         return grad_h, grad_w, None, None, None, None
 
 
