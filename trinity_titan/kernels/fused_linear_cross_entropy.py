@@ -10,7 +10,8 @@ only scales the stored gradients by the incoming scalar, so at most one chunk of
 alive. The 200k vocabulary therefore costs chunk x vocab memory instead of tokens x vocab.
 
 - "torch": a `torch.autograd.Function` written here (any device, the reference for the other).
-- "liger": Liger's `LigerFusedLinearCrossEntropyFunction` (Triton, CUDA) with
+- "liger": Liger's `LigerFusedLinearCrossEntropyFunction` (Triton: CUDA, or CPU tensors under
+  Triton's interpreter, `TRITON_INTERPRET=1`, which the tests use) with
   lse_square_scale = z_loss_coeff, reduction "sum", fp32 gradient accumulation. Liger returns the
   loss and the z-loss but not the logit statistics; those come from one more chunked, no-grad pass
   (another 2 N D V FLOPs, a third of the head's training FLOPs) unless `logit_stats=False`.
@@ -84,7 +85,7 @@ def fused_linear_cross_entropy(
 def _dispatch(hidden, weight, labels, z_loss_coeff, ignore_index, chunk_size, backend, logit_stats):
     # Eager on purpose: a Python loop over chunks (and Liger's host-side count) is not worth
     # tracing, and TorchTitan compiles the blocks, not the head.
-    if use_liger(backend, hidden, weight):
+    if use_liger(backend, hidden, weight, interpretable=True):
         return _liger_terms(
             hidden, weight, labels, z_loss_coeff, ignore_index, logit_stats, chunk_size
         )
