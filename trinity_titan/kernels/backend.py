@@ -2,12 +2,14 @@
 
 `[kernels] backend` is "auto", "liger" or "torch". "auto" picks Liger when CUDA is available and
 liger-kernel imports, PyTorch otherwise. The choice is resolved once, at configuration time, so a
-"liger" request on a machine without CUDA fails before any model is built.
+"liger" request on a machine without CUDA fails before any model is built. Tests can still run
+Liger's fused loss on CPU tensors under Triton's interpreter (`TRITON_INTERPRET=1`).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from typing import Literal
 
 import torch
@@ -46,13 +48,22 @@ def resolve_backend(requested: str) -> ResolvedBackend:
     return "liger"
 
 
-def use_liger(backend: str, *tensors: torch.Tensor) -> bool:
+def triton_interpreter() -> bool:
+    """TRITON_INTERPRET is on (the values Triton 3.x accepts): Triton kernels then run on CPU."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes", "y")
+
+
+def use_liger(backend: str, *tensors: torch.Tensor, interpretable: bool = False) -> bool:
     """Liger runs only on CUDA tensors; inside torch.compile the PyTorch path is traced instead.
 
     Under torch.compile Inductor fuses the PyTorch RMSNorm / SwiGLU into its own Triton kernels,
     and TorchTitan compiles blocks with fullgraph=True, where an opaque kernel launch could break
     the graph; so Liger is used in eager regions only.
+    `interpretable=True` (the fused loss only: Liger's RMSNorm and SwiGLU fail under Triton's
+    interpreter) also accepts CPU tensors when `triton_interpreter()`, so tests can run it on CPU.
     """
-    return (
-        backend == "liger" and all(t.is_cuda for t in tensors) and not torch.compiler.is_compiling()
-    )
+    if backend != "liger" or torch.compiler.is_compiling():
+        return False
+    if all(t.is_cuda for t in tensors):
+        return True
+    return interpretable and triton_interpreter() and all(t.device.type == "cpu" for t in tensors)

@@ -10,7 +10,8 @@ only scales the stored gradients by the incoming scalar, so at most one chunk of
 alive. The 200k vocabulary therefore costs chunk x vocab memory instead of tokens x vocab.
 
 - "torch": a `torch.autograd.Function` written here (any device, the reference for the other).
-- "liger": Liger's `LigerFusedLinearCrossEntropyFunction` (Triton, CUDA) with
+- "liger": Liger's `LigerFusedLinearCrossEntropyFunction` (Triton: CUDA, or CPU tensors under
+  Triton's interpreter, `TRITON_INTERPRET=1`, which the tests use) with
   lse_square_scale = z_loss_coeff, reduction "sum", fp32 gradient accumulation. Liger returns the
   loss and the z-loss but not the logit statistics; those come from one more chunked, no-grad pass
   (another 2 N D V FLOPs, a third of the head's training FLOPs) unless `logit_stats=False`.
@@ -84,7 +85,7 @@ def fused_linear_cross_entropy(
 def _dispatch(hidden, weight, labels, z_loss_coeff, ignore_index, chunk_size, backend, logit_stats):
     # Eager on purpose: a Python loop over chunks (and Liger's host-side count) is not worth
     # tracing, and TorchTitan compiles the blocks, not the head.
-    if use_liger(backend, hidden, weight):
+    if use_liger(backend, hidden, weight, interpretable=True):
         return _liger_terms(
             hidden, weight, labels, z_loss_coeff, ignore_index, logit_stats, chunk_size
         )
@@ -141,11 +142,14 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_unused):
+        # Scale in fp32, then cast: the upstream gradient (1 / num_tokens) is mostly not a bf16
+        # number, and rounding it first would scale every gradient by up to 1 +- 2^-9.
+        scale = grad_loss.float()
         grad_h, grad_w = ctx.saved_tensors
         if grad_h is not None:
-            grad_h = grad_h * grad_loss.to(grad_h.dtype)
-        if grad_w is not None:
-            grad_w = (grad_w * grad_loss.float()).to(ctx.weight_dtype)
+            grad_h = (grad_h.float() * scale).to(grad_h.dtype)
+        if grad_w is not None:  # accumulated in fp32
+            grad_w = (grad_w * scale).to(ctx.weight_dtype)
         return grad_h, grad_w, None, None, None, None
 
 
