@@ -32,6 +32,12 @@ class Model:
     """'block_causal' adds document masking at EOS tokens: block-sparse with 'flex'; with 'sdpa'
     (and under context parallelism) an explicit [batch, 1, seq, seq] mask."""
 
+    hf_config: str | None = None
+    """An HF AFMoE config.json whose model shape (vocab, widths, layers, heads, experts, window,
+    context) replaces the flavor's, so a checkpoint of a shape no flavor has trains without a
+    flavor of its own; the flavor still gives the rest (balancing defaults). Settings the model
+    cannot honour are refused, naming the key. None: the flavor's shape."""
+
 
 @dataclass
 class MoE:

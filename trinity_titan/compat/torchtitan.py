@@ -7,9 +7,12 @@
   reference instead of through module globals.
 - `save_full_checkpoint`: 0.2.2's CheckpointManager saves only on its interval (or a last-step
   save, which may be model-only); a run that must stop now needs a full, resumable save.
+- `checkpoint_folder`: where CheckpointManager saved a step (its naming is private).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from torchtitan.components.checkpoint import CheckpointManager
 from torchtitan.protocols.train_spec import TrainSpec
@@ -42,3 +45,8 @@ def save_full_checkpoint(checkpointer: CheckpointManager, step: int) -> None:
         checkpointer.save(step)
     finally:
         checkpointer.interval = interval
+
+
+def checkpoint_folder(checkpointer: CheckpointManager, step: int) -> Path:
+    """The folder `checkpointer` saves step `step` in (`<folder>/step-<step>` in 0.2.2)."""
+    return Path(checkpointer._create_checkpoint_id(step))

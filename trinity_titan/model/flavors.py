@@ -1,6 +1,12 @@
-"""The Trinity family. nano/mini/large carry the published shapes (HF configs, technical report)."""
+"""The Trinity family. nano/mini/large carry the published shapes (HF configs, technical report).
+
+context_len is the model's context (HF max_position_embeddings): 131072 in the published Nano and
+Mini configs; 262144 for Large, the report's context extension (CP 4 to 256K). Training sequences
+(training.seq_len) are shorter.
+"""
 
 from trinity_titan.model.args import TrinityModelArgs
+
 
 trinity_flavors: dict[str, TrinityModelArgs] = {
     # Tiny, trains in seconds on a CPU: 2 dense + 2 MoE layers (layer 3 global), GQA, window < seq_len.
@@ -15,6 +21,7 @@ trinity_flavors: dict[str, TrinityModelArgs] = {
         head_dim=32,
         sliding_window=32,
         max_seq_len=128,
+        context_len=128,
         num_experts=8,
         top_k=2,
         num_shared_experts=1,
@@ -33,6 +40,7 @@ trinity_flavors: dict[str, TrinityModelArgs] = {
         head_dim=128,
         sliding_window=2048,
         max_seq_len=4096,
+        context_len=131072,
         num_experts=128,
         top_k=8,
         moe_hidden_dim=256,
@@ -49,6 +57,7 @@ trinity_flavors: dict[str, TrinityModelArgs] = {
         head_dim=128,
         sliding_window=2048,
         max_seq_len=4096,
+        context_len=131072,
         num_experts=128,
         top_k=8,
         moe_hidden_dim=1024,
@@ -65,6 +74,7 @@ trinity_flavors: dict[str, TrinityModelArgs] = {
         head_dim=128,
         sliding_window=4096,
         max_seq_len=8192,
+        context_len=262144,
         num_experts=256,
         top_k=4,
         moe_hidden_dim=3072,
