@@ -5,8 +5,27 @@ Mini configs; 262144 for Large, the report's context extension (CP 4 to 256K). T
 (training.seq_len) are shorter.
 """
 
+from dataclasses import dataclass
+
 from trinity_titan.model.args import TrinityModelArgs
 
+
+@dataclass(frozen=True)
+class FlavorAssets:
+    """Where a flavor's tokenizer and config.json come from, and where its TOML looks for them."""
+
+    repo: str
+    """Arcee's Hugging Face repo of the flavor (`python -m trinity_titan.tools.fetch_assets`)."""
+    folder: str
+    """`[model] hf_assets_path` of train_configs/trinity_<flavor>.toml."""
+
+
+FLAVOR_ASSETS: dict[str, FlavorAssets] = {
+    "nano": FlavorAssets("arcee-ai/Trinity-Nano-Preview", "./assets/trinity_nano"),
+    "mini": FlavorAssets("arcee-ai/Trinity-Mini", "./assets/trinity_mini"),
+    "large": FlavorAssets("arcee-ai/Trinity-Large-Preview", "./assets/trinity_large"),
+}
+"""The published repos (all three share one 200192-token tokenizer)."""
 
 trinity_flavors: dict[str, TrinityModelArgs] = {
     # Tiny, trains in seconds on a CPU: 2 dense + 2 MoE layers (layer 3 global), GQA, window < seq_len.
