@@ -32,6 +32,7 @@ from trinity_titan.compat.torchtitan import (
     OwnsTrainSpec,
     checkpoint_folder,
     save_full_checkpoint,
+    set_command_line,
 )
 from trinity_titan.data.ramp import BatchRamp
 from trinity_titan.job_config import CONFIG_MODULE
@@ -225,5 +226,5 @@ def with_trinity_config(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-    sys.argv[1:] = with_trinity_config(sys.argv[1:])
+    set_command_line(with_trinity_config(sys.argv[1:]))
     main(TrinityTrainer)

@@ -8,6 +8,10 @@
 - `save_full_checkpoint`: 0.2.2's CheckpointManager saves only on its interval (or a last-step
   save, which may be model-only); a run that must stop now needs a full, resumable save.
 - `checkpoint_folder`: where CheckpointManager saved a step (its naming is private).
+- `set_command_line`: `ConfigManager.parse_args(args=sys.argv[1:])` binds its default when
+  torchtitan.config is imported, so `torchtitan.train.main` parses the command line as it was
+  then, and a launcher that adds arguments (`python -m trinity_titan.train` adds Trinity's
+  config module) must set that default instead of sys.argv.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from torchtitan.components.checkpoint import CheckpointManager
+from torchtitan.config import ConfigManager
 from torchtitan.protocols.train_spec import TrainSpec
 from torchtitan.train import Trainer
 
@@ -50,3 +55,9 @@ def save_full_checkpoint(checkpointer: CheckpointManager, step: int) -> None:
 def checkpoint_folder(checkpointer: CheckpointManager, step: int) -> Path:
     """The folder `checkpointer` saves step `step` in (`<folder>/step-<step>` in 0.2.2)."""
     return Path(checkpointer._create_checkpoint_id(step))
+
+
+def set_command_line(argv: list[str]) -> None:
+    """Make `torchtitan.train.main` parse `argv` (see the module docstring)."""
+    ConfigManager.parse_args.__defaults__ = (list(argv),)
+
