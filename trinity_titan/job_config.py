@@ -97,6 +97,44 @@ class Health:
 
 
 @dataclass
+class Wandb:
+    """The wandb run of `[metrics] enable_wandb`. An environment variable set for a field wins
+    over the TOML (the variables TorchTitan's logger and wandb read, named per field)."""
+
+    project: str = "trinity"
+    """Project (WANDB_PROJECT)."""
+
+    entity: str | None = None
+    """Team or user (WANDB_TEAM or WANDB_ENTITY); None: the API key's default entity."""
+
+    run_name: str | None = None
+    """Run name (WANDB_RUN_NAME or WANDB_NAME); None: the last folder of [job] dump_folder."""
+
+    group: str | None = None
+    """Run group (WANDB_RUN_GROUP), e.g. to gather the runs of one sweep."""
+
+    tags: list[str] = field(default_factory=list)
+    """Run tags (WANDB_TAGS or WANDB_RUN_TAGS, comma-separated)."""
+
+    notes: str | None = None
+    """Run notes (WANDB_RUN_NOTES or WANDB_NOTES); None: [job] description."""
+
+    alerts: bool = False
+    """Send each log step's [health] summary as a wandb alert (wandb.alert), at most one per
+    `alert_min_interval_s`."""
+
+    alert_min_interval_s: float = 3600.0
+    """Seconds between two alerts; the health lines in the log are not limited."""
+
+    layer_chart_every: int = 10
+    """Log the per-layer MoE charts (MaxVio and dead experts of every layer in one panel each)
+    on every N-th log step; each one replaces the last and holds the whole history."""
+
+    layer_chart_points: int = 200
+    """Log steps kept per layer in those charts: past this, every other point is dropped."""
+
+
+@dataclass
 class Optimizer:
     """Muon options, added to TorchTitan's `[optimizer]` (`name = "Muon"` selects Muon).
 
@@ -214,6 +252,7 @@ class JobConfig:
     nan_guard: NanGuard = field(default_factory=NanGuard)
     loss: Loss = field(default_factory=Loss)
     health: Health = field(default_factory=Health)
+    wandb: Wandb = field(default_factory=Wandb)
     optimizer: Optimizer = field(default_factory=Optimizer)
     data: Data = field(default_factory=Data)
     kernels: Kernels = field(default_factory=Kernels)
