@@ -128,7 +128,7 @@ class Wandb:
 
     layer_chart_every: int = 10
     """Log the per-layer MoE charts (MaxVio and dead experts of every layer in one panel each)
-    on every N-th log step; each one replaces the last and holds the whole history."""
+    on every N-th log step; each one replaces the last and holds the whole history (0: never)."""
 
     layer_chart_points: int = 200
     """Log steps kept per layer in those charts: past this, every other point is dropped."""

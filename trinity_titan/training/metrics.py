@@ -226,7 +226,8 @@ class TrinityMetricsProcessor(MetricsProcessor):
             f"moe/expert_load/layer_{layer_id}": wandb.Histogram(load[i].numpy())
             for i, layer_id in enumerate(stats.layer_ids)
         }
-        if self.log_steps % self.job_config.wandb.layer_chart_every == 0:
+        every = self.job_config.wandb.layer_chart_every
+        if every > 0 and self.log_steps % every == 0:
             keys = [f"layer {layer_id}" for layer_id in stats.layer_ids]
             for name, title in (("maxvio", "MaxVio by layer"), ("dead_experts", "dead experts")):
                 history = self.layer_history[name]
