@@ -13,6 +13,51 @@ REPO = Path(__file__).resolve().parents[1]
 DEBUG_TOML = REPO / "train_configs" / "trinity_debug.toml"
 DEBUG_ASSETS = REPO / "trinity_titan" / "assets" / "debug"
 
+# Trinity-Nano-Preview's config.json as published (transformers 4.57 layout, remote-code keys).
+NANO_HF_CONFIG = {
+    "architectures": ["AfmoeForCausalLM"],
+    "attention_dropout": 0.0,
+    "auto_map": {
+        "AutoConfig": "configuration_afmoe.AfmoeConfig",
+        "AutoModel": "modeling_afmoe.AfmoeModel",
+        "AutoModelForCausalLM": "modeling_afmoe.AfmoeForCausalLM",
+    },
+    "dtype": "bfloat16",
+    "global_attn_every_n_layers": 4,
+    "head_dim": 128,
+    "hidden_act": "silu",
+    "hidden_size": 1024,
+    "initializer_range": 0.02,
+    "intermediate_size": 3072,
+    "max_position_embeddings": 131072,
+    "model_type": "afmoe",
+    "moe_intermediate_size": 256,
+    "mup_enabled": True,
+    "n_group": 1,
+    "num_attention_heads": 8,
+    "num_dense_layers": 2,
+    "num_expert_groups": 1,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "num_hidden_layers": 56,
+    "num_key_value_heads": 2,
+    "num_limited_groups": 1,
+    "num_shared_experts": 1,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": None,
+    "rope_theta": 10000,
+    "route_norm": True,
+    "route_scale": 2.826,
+    "score_func": "sigmoid",
+    "sliding_window": 2048,
+    "tie_word_embeddings": False,
+    "topk_group": 1,
+    "transformers_version": "4.57.3",
+    "use_cache": True,
+    "use_grouped_mm": True,
+    "vocab_size": 200192,
+}
+
 
 def job_config_from(path: Path, *overrides: str) -> JobConfig:
     """A JobConfig parsed the way TorchTitan parses a launch: the TOML, then CLI overrides."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ from torchtitan.config import ConfigManager
 
 import trinity_titan  # noqa: F401  (registers the train spec)
 from trinity_titan.model import trinity_flavors
+from trinity_titan.tools import plan
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "train_configs").glob("*.toml"))
 
@@ -59,3 +61,33 @@ def test_misspelled_key_is_rejected(tmp_path):
     )
     with pytest.raises(ValueError, match="balance_metod"):
         parse(bad)
+
+
+def documented_layouts() -> list[tuple[Path, list[str]]]:
+    """Each TOML's `# plan: ARGS` lines: the layouts (world size, GPU, overrides) it must fit."""
+    return [
+        (path, shlex.split(line.removeprefix("# plan:")))
+        for path in CONFIGS
+        for line in path.read_text().splitlines()
+        if line.startswith("# plan:")
+    ]
+
+
+def test_every_pretraining_config_documents_a_layout():
+    assert {p.stem for p, _ in documented_layouts()} == {
+        "trinity_nano",
+        "trinity_mini",
+        "trinity_large",
+    }
+
+
+@pytest.mark.parametrize(
+    "path,layout",
+    documented_layouts(),
+    ids=[f"{p.stem} {' '.join(a)}" for p, a in documented_layouts()],
+)
+def test_shipped_config_fits_its_documented_layout(path, layout, capsys):
+    """The planner says FITS, with room to spare, for every layout a TOML names."""
+    assert plan.main(["--job.config_file", str(path), *layout]) == 0
+    out = capsys.readouterr().out
+    assert out.strip().splitlines()[-1] == "FITS", out

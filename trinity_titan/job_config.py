@@ -32,6 +32,12 @@ class Model:
     """'block_causal' adds document masking at EOS tokens: block-sparse with 'flex'; with 'sdpa'
     (and under context parallelism) an explicit [batch, 1, seq, seq] mask."""
 
+    hf_config: str | None = None
+    """An HF AFMoE config.json whose model shape (vocab, widths, layers, heads, experts, window,
+    context) replaces the flavor's, so a checkpoint of a shape no flavor has trains without a
+    flavor of its own; the flavor still gives the rest (balancing defaults). Settings the model
+    cannot honour are refused, naming the key. None: the flavor's shape."""
+
 
 @dataclass
 class MoE:
@@ -88,6 +94,44 @@ class Health:
 
     maxvio_warn: float | None = None
     """Warn when an MoE layer's MaxVio = max_i (n_i - nbar) / nbar exceeds this (None: off)."""
+
+
+@dataclass
+class Wandb:
+    """The wandb run of `[metrics] enable_wandb`. An environment variable set for a field wins
+    over the TOML (the variables TorchTitan's logger and wandb read, named per field)."""
+
+    project: str = "trinity"
+    """Project (WANDB_PROJECT)."""
+
+    entity: str | None = None
+    """Team or user (WANDB_TEAM or WANDB_ENTITY); None: the API key's default entity."""
+
+    run_name: str | None = None
+    """Run name (WANDB_RUN_NAME or WANDB_NAME); None: the last folder of [job] dump_folder."""
+
+    group: str | None = None
+    """Run group (WANDB_RUN_GROUP), e.g. to gather the runs of one sweep."""
+
+    tags: list[str] = field(default_factory=list)
+    """Run tags (WANDB_TAGS or WANDB_RUN_TAGS, comma-separated)."""
+
+    notes: str | None = None
+    """Run notes (WANDB_RUN_NOTES or WANDB_NOTES); None: [job] description."""
+
+    alerts: bool = False
+    """Send each log step's [health] summary as a wandb alert (wandb.alert), at most one per
+    `alert_min_interval_s`."""
+
+    alert_min_interval_s: float = 3600.0
+    """Seconds between two alerts; the health lines in the log are not limited."""
+
+    layer_chart_every: int = 10
+    """Log the per-layer MoE charts (MaxVio and dead experts of every layer in one panel each)
+    on every N-th log step; each one replaces the last and holds the whole history (0: never)."""
+
+    layer_chart_points: int = 200
+    """Log steps kept per layer in those charts: past this, every other point is dropped."""
 
 
 @dataclass
@@ -208,6 +252,7 @@ class JobConfig:
     nan_guard: NanGuard = field(default_factory=NanGuard)
     loss: Loss = field(default_factory=Loss)
     health: Health = field(default_factory=Health)
+    wandb: Wandb = field(default_factory=Wandb)
     optimizer: Optimizer = field(default_factory=Optimizer)
     data: Data = field(default_factory=Data)
     kernels: Kernels = field(default_factory=Kernels)

@@ -14,23 +14,30 @@ import functools
 import os
 import sys
 import tomllib
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torchtitan.components.ft import FTManager
 from torchtitan.components.optimizer import OptimizersContainer
-from torchtitan.config import JobConfig
+from torchtitan.config import TORCH_DTYPE_MAP, JobConfig
 from torchtitan.config import Optimizer as OptimizerConfig
 from torchtitan.distributed import ParallelDims
 from torchtitan.protocols.train_spec import TrainSpec
 from torchtitan.tools.logging import logger
 from torchtitan.train import main
 
-from trinity_titan.compat.torchtitan import OwnsTrainSpec, save_full_checkpoint
+from trinity_titan.compat.torchtitan import (
+    OwnsTrainSpec,
+    checkpoint_folder,
+    save_full_checkpoint,
+    set_command_line,
+)
 from trinity_titan.data.ramp import BatchRamp
 from trinity_titan.job_config import CONFIG_MODULE
 from trinity_titan.model.attention import TrinityMasks, document_ids
+from trinity_titan.model.hf_export import write_hf_metadata
 from trinity_titan.model.lm_head import FusedLoss
 from trinity_titan.optim.builder import build_trinity_optimizers
 from trinity_titan.parallel.context_parallel import SequenceDocuments
@@ -108,6 +115,30 @@ class TrinityTrainer(OwnsTrainSpec):
         self.balancer = ExpertBiasBalancer(model_parts, parallel_dims)
         optimizers.register_step_pre_hook(self._before_optimizer_step)
         return optimizers
+
+    # ------------------------------------------------------------------ the run
+    def train(self) -> None:
+        """TorchTitan's loop, then the HF export's config and tokenizer next to its weights."""
+        super().train()
+        self._complete_hf_export()
+
+    def _complete_hf_export(self) -> None:
+        """`--checkpoint.last_save_in_hf` has TorchTitan write the last step's weights only (via
+        the state dict adapter); add config.json, generation_config.json and the tokenizer
+        files, so that transformers loads the folder as it is."""
+        checkpoint, steps = self.job_config.checkpoint, self.job_config.training.steps
+        if not (self.checkpointer.enable and checkpoint.last_save_in_hf and self.step == steps):
+            return
+        if torch.distributed.get_rank() != 0:
+            return
+        folder = checkpoint_folder(self.checkpointer, self.step)
+        written = write_hf_metadata(
+            folder,
+            self.model_args,
+            Path(self.job_config.model.hf_assets_path),
+            TORCH_DTYPE_MAP[checkpoint.export_dtype],
+        )
+        logger.info(f"HF export {folder}: wrote {', '.join(written)} next to the weights")
 
     # ------------------------------------------------------------------ per step
     def _before_optimizer_step(self, *_args: Any, **_kwargs: Any) -> None:
@@ -195,5 +226,5 @@ def with_trinity_config(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-    sys.argv[1:] = with_trinity_config(sys.argv[1:])
+    set_command_line(with_trinity_config(sys.argv[1:]))
     main(TrinityTrainer)

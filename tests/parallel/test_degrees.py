@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import math
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -79,12 +81,34 @@ def test_kv_heads_not_divisible_by_tp():
     assert "tensor_parallel_degree (4) must divide the model's n_kv_heads (2)" in msg
 
 
+def _arithmetic_holds(msg: str) -> bool:
+    """'a (x) x b (y) ... = n' in `msg`: the factors shown multiply to the product shown."""
+    factors, product = re.search(r": ((?:\w+ \(\d+\)(?: x )?)+) = (\d+)", msg).groups()
+    values = [int(v) for v in re.findall(r"\((\d+)\)", factors)]
+    return math.prod(values) == int(product)
+
+
 def test_degrees_do_not_multiply_to_world_size():
     msg = fails(debug(), parallelism(data_parallel_shard_degree=2, tensor_parallel_degree=2))
     assert "multiply to 4, not the world size 8" in msg
+    # every factor of the product is shown, data_parallel_shard_degree included
+    assert (
+        "data_parallel_shard_degree (2) x data_parallel_replicate_degree (1) x "
+        "context_parallel_degree (1) x tensor_parallel_degree (2) x pipeline_parallel_degree (1)"
+        " = 4;" in msg
+    )
+    assert _arithmetic_holds(msg)
     assert "--parallelism.data_parallel_shard_degree -1" in msg
     msg = fails(debug(), parallelism(tensor_parallel_degree=3), world=8)
     assert "does not divide" in msg and "world size 8" in msg
+    assert "tensor_parallel_degree (3) x pipeline_parallel_degree (1) = 3, which" in msg
+    assert _arithmetic_holds(msg)
+
+
+@pytest.mark.parametrize("world", [0, -8])
+def test_world_size_below_one(world):
+    msg = fails(debug(), parallelism(), world=world)
+    assert f"the world size is {world}; it must be >= 1" in msg
 
 
 def test_sequence_not_divisible_for_cp():

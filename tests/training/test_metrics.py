@@ -9,9 +9,20 @@ import pytest
 import torch
 from torchtitan.tools.logging import logger as titan_logger
 
+from tests.fixtures import debug_job_config
 from tests.training.test_loss import V, batch
+from trinity_titan.training.checks import check_job
 from trinity_titan.training.loss import LossStats, TrinityLoss
-from trinity_titan.training.metrics import TrinityMetricsProcessor
+from trinity_titan.training.metrics import (
+    TAG_ENV,
+    WANDB_ENV,
+    AlertLimiter,
+    LayerHistory,
+    TrinityMetricsProcessor,
+    resolved_config,
+    wandb_settings,
+    wandb_tags,
+)
 
 
 def test_loss_metrics_and_health_warning():
@@ -47,10 +58,73 @@ def test_loss_metrics_and_health_warning():
     handler.emit = records.append
     titan_logger.addHandler(handler)
     try:
-        proc.check_health(7, {**m, "moe/maxvio/layer_3": 0.9, "moe/maxvio/layer_2": 0.1})
+        layers = {"moe/maxvio/layer_2": 0.1, "moe/maxvio/layer_3": 0.9, "moe/maxvio/layer_4": 0.7}
+        summary = proc.check_health(7, {**m, **layers})
+        assert proc.check_health(8, {"logits/max": 0.5, "moe/maxvio/layer_2": 0.1}) is None
     finally:
         titan_logger.removeHandler(handler)
     text = [r.getMessage() for r in records if r.levelno == logging.WARNING]
-    assert any("step 7" in t and "lm_head" in t and "max logit" in t for t in text), text
-    assert any("step 7" in t and "layer 3" in t and "0.9" in t for t in text), text
-    assert not any("layer 2" in t for t in text)
+    assert text == [summary]  # one line per log step, whatever the number of layers
+    assert summary.startswith("health: step 7: lm_head max logit ")
+    assert "> health.max_logit_warn 1" in summary
+    assert (
+        "MaxVio > health.maxvio_warn 0.5 in 2 of 3 MoE layers (worst: layer 3, 0.9; layers 3, 4)"
+        in summary
+    )
+
+
+def test_alerts_are_rate_limited():
+    now = [0.0]
+    limiter = AlertLimiter(600.0, clock=lambda: now[0])
+    sent = []
+    for t in (0, 10, 599, 600, 700, 1300):
+        now[0] = float(t)
+        if limiter.ready():
+            sent.append(t)
+    assert sent == [0, 600, 1300]
+
+
+def test_layer_history_keeps_every_layer_and_thins_old_steps():
+    history = LayerHistory(points=4)
+    for step in range(1, 7):
+        history.add(step * 10, [step, -step])
+    assert len(history.steps) <= 4 and history.steps[-1] in (50, 60)
+    series = history.series()
+    assert len(series) == 2 and series[1] == [-v for v in series[0]]
+    assert [s // 10 for s in history.steps] == series[0]
+
+
+def test_wandb_settings_come_from_the_toml_unless_the_environment_sets_them(monkeypatch):
+    for names in WANDB_ENV.values():
+        for name in names:
+            monkeypatch.delenv(name, raising=False)
+    for name in TAG_ENV:
+        monkeypatch.delenv(name, raising=False)
+    cfg = debug_job_config(
+        "--wandb.project", "p", "--wandb.group", "g", "--wandb.tags", "a,b",
+        "--job.dump_folder", "/x/outputs/my_run",
+    )  # fmt: skip
+    assert wandb_settings(cfg) == {
+        "WANDB_PROJECT": "p",
+        "WANDB_RUN_NAME": "my_run",
+        "WANDB_RUN_GROUP": "g",
+        "WANDB_RUN_NOTES": cfg.job.description,
+    }
+    assert wandb_tags(cfg) == ["a", "b"]
+    monkeypatch.setenv("WANDB_PROJECT", "from-env")
+    monkeypatch.setenv("WANDB_NAME", "env-name")  # wandb's own variable counts too
+    monkeypatch.setenv("WANDB_TAGS", "x, y")
+    settings = wandb_settings(cfg)
+    assert "WANDB_PROJECT" not in settings and "WANDB_RUN_NAME" not in settings
+    assert wandb_tags(cfg) == ["x", "y"]
+
+
+def test_the_resolved_config_has_no_flavor_nulls():
+    cfg = debug_job_config()
+    assert cfg.moe.balance_gamma is None  # left to the flavor in the TOML
+    args = check_job(cfg, 1, trinity_trainer=True, files=False).model_args
+    config = resolved_config(cfg, args)
+    assert config["moe"]["balance_gamma"] == args.balance_gamma == 1e-3
+    assert config["model"]["attn_mask_type"] == "causal"
+    assert config["model_args"]["num_experts"] == 8
+    assert not [k for k, v in config["moe"].items() if v is None]

@@ -7,11 +7,31 @@
   reference instead of through module globals.
 - `save_full_checkpoint`: 0.2.2's CheckpointManager saves only on its interval (or a last-step
   save, which may be model-only); a run that must stop now needs a full, resumable save.
+- `checkpoint_folder`: where CheckpointManager saved a step (its naming is private).
+- `metric_backends`: MetricsProcessor keeps its TensorBoard and wandb loggers in a private list;
+  per-backend logging (histograms, charts, text) needs each one.
+- `set_wandb_tags`: WandBLogger passes WANDB_RUN_TAGS to wandb.init as one string, which wandb
+  turns into one tag per character; the run's tags are set after init instead.
+- `set_command_line`: `ConfigManager.parse_args(args=sys.argv[1:])` binds its default when
+  torchtitan.config is imported, so `torchtitan.train.main` parses the command line as it was
+  then, and a launcher that adds arguments (`python -m trinity_titan.train` adds Trinity's
+  config module) must set that default instead of sys.argv.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
 from torchtitan.components.checkpoint import CheckpointManager
+from torchtitan.components.metrics import (
+    BaseLogger,
+    LoggerContainer,
+    TensorBoardLogger,
+    WandBLogger,
+)
+from torchtitan.config import ConfigManager
 from torchtitan.protocols.train_spec import TrainSpec
 from torchtitan.train import Trainer
 
@@ -42,3 +62,34 @@ def save_full_checkpoint(checkpointer: CheckpointManager, step: int) -> None:
         checkpointer.save(step)
     finally:
         checkpointer.interval = interval
+
+
+def checkpoint_folder(checkpointer: CheckpointManager, step: int) -> Path:
+    """The folder `checkpointer` saves step `step` in (`<folder>/step-<step>` in 0.2.2)."""
+    return Path(checkpointer._create_checkpoint_id(step))
+
+
+def set_command_line(argv: list[str]) -> None:
+    """Make `torchtitan.train.main` parse `argv` (see the module docstring)."""
+    ConfigManager.parse_args.__defaults__ = (list(argv),)
+
+
+@dataclass(frozen=True)
+class MetricBackends:
+    """The loggers of this rank's metrics processor (None: not enabled, or not the logging rank)."""
+
+    tensorboard: TensorBoardLogger | None
+    wandb: WandBLogger | None
+
+
+def metric_backends(container: BaseLogger) -> MetricBackends:
+    """The TensorBoard and wandb loggers inside MetricsProcessor.logger."""
+    loggers = container._loggers if isinstance(container, LoggerContainer) else []
+    tensorboard = next((x for x in loggers if isinstance(x, TensorBoardLogger)), None)
+    wandb = next((x for x in loggers if isinstance(x, WandBLogger)), None)
+    return MetricBackends(tensorboard, wandb)
+
+
+def set_wandb_tags(run: Any, tags: list[str]) -> None:
+    """Give the wandb run `tags` (see the module docstring)."""
+    run.tags = tuple(tags)

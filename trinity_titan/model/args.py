@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, Literal
 
 from torch import nn
@@ -48,6 +50,9 @@ class TrinityModelArgs(BaseModelArgs):
     """Scale the token embeddings by sqrt(dim) (muP input scale); the LM head is not scaled."""
     max_seq_len: int = 4096
     """Length of the RoPE cache; set from training.seq_len."""
+    context_len: int = 131072
+    """The model's context length, HF `max_position_embeddings`: what an export's config.json
+    says the model handles, independent of the (shorter) training sequences."""
 
     # MoE
     num_experts: int = 128
@@ -114,7 +119,11 @@ class TrinityModelArgs(BaseModelArgs):
     # ------------------------------------------------------------------ torchtitan protocol
     def update_from_config(self, job_config: JobConfig, **kwargs) -> None:
         """Apply the job's sequence length and the TOML overrides of the flavor defaults
-        (`[model]` attention, `[moe]`, `[kernels] backend`). Checks live in training/checks.py."""
+        (`[model]` attention, `[moe]`, `[kernels] backend`). `[model] hf_config` replaces the
+        flavor's shape with an HF config's. Checks live in training/checks.py."""
+        if job_config.model.hf_config:
+            for name, value in hf_shape(read_hf_config(job_config.model.hf_config)).items():
+                setattr(self, name, value)
         self.max_seq_len = job_config.training.seq_len
         for name in ("attn_type", "attn_mask_type"):
             value = getattr(job_config.model, name)
@@ -154,58 +163,12 @@ class TrinityModelArgs(BaseModelArgs):
     # ------------------------------------------------------------------ HF config mapping
     @classmethod
     def from_hf_config(cls, config: dict[str, Any], **overrides: Any) -> TrinityModelArgs:
-        """Build args from an HF AFMoE ``config.json`` dict (rope_theta or rope_parameters)."""
-        if config.get("model_type", "afmoe") != "afmoe":
-            raise ConfigError(
-                f"expected an HF config with model_type 'afmoe', got {config.get('model_type')!r}"
-            )
-        rope = config.get("rope_parameters") or {}
-        rope_type = rope.get("rope_type", "default")
-        if rope_type != "default":
-            raise ConfigError(f"rope_type {rope_type!r} is not supported (only 'default')")
-        rope_theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
-        if config.get("tie_word_embeddings", False):
-            raise ConfigError(
-                "Trinity has an untied LM head; tie_word_embeddings=True is not supported"
-            )
-        if config.get("attention_bias", False):
-            raise ConfigError(
-                "Trinity has no attention biases; attention_bias=True is not supported"
-            )
-        n_layers = config["num_hidden_layers"]
-        every = config.get("global_attn_every_n_layers", 4)
-        layer_types = config.get("layer_types")
-        if layer_types is not None:
-            expected = [
-                "full_attention" if (i + 1) % every == 0 else "sliding_attention"
-                for i in range(n_layers)
-            ]
-            if list(layer_types) != expected:
-                raise ConfigError(
-                    f"layer_types must follow global_attn_every_n_layers={every}; got {layer_types}"
-                )
-        n_heads = config["num_attention_heads"]
-        args = cls(
-            vocab_size=config["vocab_size"],
-            dim=config["hidden_size"],
-            n_layers=n_layers,
-            n_dense_layers=config.get("num_dense_layers", 1),
-            ffn_hidden_dim=config["intermediate_size"],
-            n_heads=n_heads,
-            n_kv_heads=config.get("num_key_value_heads") or n_heads,
-            head_dim=config.get("head_dim") or config["hidden_size"] // n_heads,
-            norm_eps=config.get("rms_norm_eps", 1e-5),
-            rope_theta=float(rope_theta),
-            sliding_window=config["sliding_window"],
-            global_attn_every_n_layers=every,
-            mup_enabled=bool(config.get("mup_enabled", False)),
-            max_seq_len=config.get("max_position_embeddings", 4096),
-            num_experts=config["num_experts"],
-            top_k=config["num_experts_per_tok"],
-            num_shared_experts=config.get("num_shared_experts", 1),
-            moe_hidden_dim=config["moe_intermediate_size"],
-            route_scale=float(config.get("route_scale", 1.0)),
-        )
+        """Build args from an HF AFMoE ``config.json`` dict (rope_theta or rope_parameters).
+
+        Every key that changes the model is either mapped or must hold the value Trinity
+        implements; anything else is refused with a ConfigError naming the key (see `hf_shape`).
+        """
+        args = cls(**hf_shape(config))
         for key, value in overrides.items():
             setattr(args, key, value)
         args.validate()
@@ -226,7 +189,7 @@ class TrinityModelArgs(BaseModelArgs):
             "num_key_value_heads": self.n_kv_heads,
             "head_dim": self.head_dim,
             "hidden_act": "silu",
-            "max_position_embeddings": self.max_seq_len,
+            "max_position_embeddings": self.context_len,
             "rms_norm_eps": self.norm_eps,
             "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
             "num_experts": self.num_experts,
@@ -245,6 +208,176 @@ class TrinityModelArgs(BaseModelArgs):
             "attention_dropout": 0.0,
             "initializer_range": self.sigma,
         }
+
+
+HF_REQUIRED: dict[str, Any] = {
+    "model_type": "afmoe",
+    "hidden_act": "silu",
+    "score_func": "sigmoid",
+    "route_norm": True,
+    "n_group": 1,
+    "topk_group": 1,
+    "num_expert_groups": 1,
+    "num_limited_groups": 1,
+    "rope_scaling": None,
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+    "mlp_bias": False,
+    "attention_dropout": 0.0,
+}
+"""HF config keys that change the model, with the one value Trinity implements (absent is fine:
+these are the HF defaults). The router is sigmoid scores, top-k over all experts (no expert
+groups), normalised gates; SwiGLU with SiLU; RoPE without scaling; no biases, no dropout."""
+
+HF_IGNORED = frozenset(
+    {
+        "architectures",
+        "auto_map",
+        "dtype",
+        "torch_dtype",
+        "transformers_version",
+        "_name_or_path",
+        "use_cache",
+        "initializer_range",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "output_router_logits",
+        "use_grouped_mm",
+    }
+)
+"""HF config keys with no effect on the model's function: metadata, inference caching, the HF
+init, token ids (they live with the tokenizer), kernel choices."""
+
+HF_MAPPED = frozenset(
+    {
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_dense_layers",
+        "intermediate_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "rms_norm_eps",
+        "rope_theta",
+        "rope_parameters",
+        "sliding_window",
+        "global_attn_every_n_layers",
+        "layer_types",
+        "mup_enabled",
+        "max_position_embeddings",
+        "num_experts",
+        "num_experts_per_tok",
+        "num_shared_experts",
+        "moe_intermediate_size",
+        "route_scale",
+    }
+)
+"""HF config keys `hf_shape` reads into TrinityModelArgs fields."""
+
+
+def hf_shape(config: dict[str, Any]) -> dict[str, Any]:
+    """TrinityModelArgs fields (the model's shape) from an HF AFMoE config dict.
+
+    Absent optional keys take transformers' AfmoeConfig defaults. A key whose value the model
+    cannot honour, or a key this mapping does not know, is a ConfigError naming it: a config
+    silently trained as something else is worse than one refused.
+    """
+    for key, want in HF_REQUIRED.items():
+        have = config.get(key, want)
+        if have is None and want is not None and key in ("n_group", "topk_group"):
+            have = want  # None means no expert groups
+        if have != want:
+            raise ConfigError(
+                f"HF config {key} = {have!r} is not supported: Trinity implements "
+                f"{key} = {want!r} only"
+            )
+    unknown = sorted(set(config) - set(HF_REQUIRED) - HF_IGNORED - HF_MAPPED)
+    if unknown:
+        raise ConfigError(
+            f"HF config keys {', '.join(unknown)} are not known to Trinity's model; remove them "
+            "if they do not change the model, or use a model that implements them"
+        )
+    missing = [
+        k
+        for k in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "intermediate_size",
+            "num_attention_heads",
+            "num_experts",
+            "num_experts_per_tok",
+            "moe_intermediate_size",
+        )
+        if config.get(k) is None
+    ]
+    if missing:
+        raise ConfigError(f"HF config lacks {', '.join(missing)}")
+    rope = config.get("rope_parameters") or {}
+    extra_rope = sorted(set(rope) - {"rope_type", "rope_theta"})
+    if rope.get("rope_type", "default") != "default" or extra_rope:
+        raise ConfigError(
+            f"HF config rope_parameters = {rope!r} is not supported: Trinity implements plain "
+            "RoPE (rope_type 'default', rope_theta) only"
+        )
+    rope_theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+    for key in ("sliding_window", "global_attn_every_n_layers", "num_dense_layers"):
+        if key in config and config[key] is None:
+            raise ConfigError(f"HF config {key} = None is not supported: Trinity needs a value")
+    n_layers = config["num_hidden_layers"]
+    every = config.get("global_attn_every_n_layers", 4)
+    layer_types = config.get("layer_types")
+    if layer_types is not None:
+        expected = [
+            "full_attention" if (i + 1) % every == 0 else "sliding_attention"
+            for i in range(n_layers)
+        ]
+        if list(layer_types) != expected:
+            raise ConfigError(
+                f"HF config layer_types must follow global_attn_every_n_layers={every} "
+                f"(every {every}th layer full attention); got {layer_types}"
+            )
+    n_heads = config["num_attention_heads"]
+    context = config.get("max_position_embeddings", 16384)
+    return dict(
+        vocab_size=config["vocab_size"],
+        dim=config["hidden_size"],
+        n_layers=n_layers,
+        n_dense_layers=config.get("num_dense_layers", 1),
+        ffn_hidden_dim=config["intermediate_size"],
+        n_heads=n_heads,
+        n_kv_heads=config.get("num_key_value_heads") or n_heads,
+        head_dim=config.get("head_dim", 128) or config["hidden_size"] // n_heads,
+        norm_eps=config.get("rms_norm_eps", 1e-5),
+        rope_theta=float(rope_theta),
+        sliding_window=config.get("sliding_window", 1024),
+        global_attn_every_n_layers=every,
+        mup_enabled=bool(config.get("mup_enabled", False)),
+        max_seq_len=context,
+        context_len=context,
+        num_experts=config["num_experts"],
+        top_k=config["num_experts_per_tok"],
+        num_shared_experts=config.get("num_shared_experts", 2),
+        moe_hidden_dim=config["moe_intermediate_size"],
+        route_scale=float(config.get("route_scale", 1.0)),
+        init_std=None,
+    )
+
+
+def read_hf_config(path: str | Path, option: str = "[model] hf_config") -> dict[str, Any]:
+    """The dict of an HF config.json file; a missing or malformed file names `option`."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(
+            f"{option} = {str(path)!r} is not a file. Fix: point it at an HF config.json "
+            "(python -m trinity_titan.tools.fetch_assets puts one next to the tokenizer)."
+        )
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{option} = {str(path)!r} is not valid JSON: {e}") from None
 
 
 def count_params(args: TrinityModelArgs, model: nn.Module) -> dict[str, int]:

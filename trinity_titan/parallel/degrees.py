@@ -6,6 +6,7 @@ serves the planner; each failure is a `ConfigError` naming the option and how to
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,8 +41,23 @@ def _divisors(n: int) -> str:
     return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
 
 
+def _product(factors: dict[str, int]) -> str:
+    """'name (value) x name (value) ... = product', the arithmetic a degree message shows."""
+    terms = " x ".join(f"{name} ({value})" for name, value in factors.items())
+    return f"{terms} = {math.prod(factors.values())}"
+
+
 def resolve_degrees(parallelism: Any, world_size: int) -> Degrees:
-    """The degrees of `[parallelism]`; fails if they do not multiply to the world size."""
+    """The degrees of `[parallelism]`; fails if they do not multiply to the world size.
+
+    TorchTitan's world size is dp_replicate x dp_shard x cp x tp x pp; expert parallelism
+    (and expert TP) reuse those ranks, so they are not factors of it.
+    """
+    if world_size < 1:
+        raise ConfigError(
+            f"the world size is {world_size}; it must be >= 1 (the number of ranks: torchrun's "
+            "--nnodes x --nproc_per_node, or the planner's --world-size)"
+        )
     p = parallelism
     named = {
         "data_parallel_replicate_degree": p.data_parallel_replicate_degree,
@@ -54,36 +70,36 @@ def resolve_degrees(parallelism: Any, world_size: int) -> Degrees:
     for name, value in named.items():
         if value < 1:
             raise ConfigError(f"parallelism.{name} is {value}; it must be >= 1")
-    others = (
-        p.data_parallel_replicate_degree
-        * p.context_parallel_degree
-        * p.tensor_parallel_degree
-        * p.pipeline_parallel_degree
-    )
+    others = {
+        name: named[name]
+        for name in (
+            "data_parallel_replicate_degree",
+            "context_parallel_degree",
+            "tensor_parallel_degree",
+            "pipeline_parallel_degree",
+        )
+    }
+    others_product = math.prod(others.values())
     dp_shard = p.data_parallel_shard_degree
-    product = (
-        f"data_parallel_replicate_degree ({p.data_parallel_replicate_degree}) x "
-        f"context_parallel_degree ({p.context_parallel_degree}) x "
-        f"tensor_parallel_degree ({p.tensor_parallel_degree}) x "
-        f"pipeline_parallel_degree ({p.pipeline_parallel_degree}) = {others}"
-    )
     if dp_shard == -1:
-        if world_size % others:
+        if world_size % others_product:
             raise ConfigError(
-                f"the parallel degrees do not fit the world size {world_size}: {product} does "
-                f"not divide it; choose degrees whose product divides {world_size}"
+                f"the parallel degrees do not fit the world size {world_size}: "
+                f"{_product(others)}, which does not divide {world_size}; choose degrees whose "
+                f"product divides {world_size} (data_parallel_shard_degree -1 takes the rest)"
             )
-        dp_shard = world_size // others
+        dp_shard = world_size // others_product
     elif dp_shard < 1:
         raise ConfigError(
             f"parallelism.data_parallel_shard_degree is {dp_shard}; use -1 (the rest) or >= 1"
         )
-    elif dp_shard * others != world_size:
+    elif dp_shard * others_product != world_size:
+        factors = {"data_parallel_shard_degree": dp_shard, **others}
         raise ConfigError(
-            f"the parallel degrees multiply to {dp_shard * others}, not the world size "
-            f"{world_size}: data_parallel_shard_degree ({dp_shard}) x {product}; set "
-            f"--parallelism.data_parallel_shard_degree -1 to use the remaining ranks, or change "
-            f"the degrees so that they multiply to {world_size}"
+            f"the parallel degrees multiply to {dp_shard * others_product}, not the world size "
+            f"{world_size}: {_product(factors)}; set --parallelism.data_parallel_shard_degree -1 "
+            f"to use the remaining ranks, or change the degrees so that they multiply to "
+            f"{world_size}"
         )
     return Degrees(
         dp_replicate=p.data_parallel_replicate_degree,

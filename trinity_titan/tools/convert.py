@@ -2,13 +2,18 @@
 
     python -m trinity_titan.tools.convert hf-to-dcp HF_DIR DCP_DIR [--dtype float32]
     python -m trinity_titan.tools.convert dcp-to-hf DCP_DIR HF_DIR (--hf-config config.json | --flavor NAME)
-                                    [--dtype bfloat16] [--max-shard-size-gb 5]
+                                    (--tokenizer DIR | --no-tokenizer) [--dtype bfloat16] [--max-shard-size-gb 5]
+    python -m trinity_titan.tools.convert complete-hf HF_DIR (--hf-config config.json | --flavor NAME)
+                                    --tokenizer DIR [--dtype float32]
 
 `hf-to-dcp` writes a model-only DCP checkpoint that a run starts from with
 `--checkpoint.initial_load_path DCP_DIR`. `dcp-to-hf` reads the model weights of any TorchTitan
-checkpoint (e.g. outputs/.../checkpoint/step-1000) and writes sharded safetensors, an index, and
-config.json. Both hold the whole model in host memory. To start a large run straight from HF
-weights without converting, use TorchTitan's own sharded reader:
+checkpoint (e.g. outputs/.../checkpoint/step-1000) and writes a self-contained HF folder: sharded
+safetensors, an index, config.json (with the tokenizer's token ids and the model's context),
+generation_config.json and the tokenizer files. `complete-hf` adds the same files to a folder of
+weights only (TorchTitan's `--checkpoint.last_save_in_hf` under `-m torchtitan.train`; Trinity's
+trainer adds them itself). Both conversions hold the whole model in host memory. To start a
+large run straight from HF weights without converting, use TorchTitan's own sharded reader:
 `--checkpoint.initial_load_path HF_DIR --checkpoint.initial_load_in_hf`.
 """
 
@@ -26,7 +31,10 @@ from safetensors.torch import save_file
 from torch.distributed.checkpoint import HuggingFaceStorageReader
 from torchtitan.config import TORCH_DTYPE_MAP
 
+from trinity_titan.job_config import ConfigError
 from trinity_titan.model import TrinityModel, TrinityModelArgs, trinity_flavors
+from trinity_titan.model.args import read_hf_config
+from trinity_titan.model.hf_export import write_hf_metadata
 from trinity_titan.model.state_dict_adapter import TrinityStateDictAdapter
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -67,10 +75,12 @@ def write_hf(
     state: dict[str, torch.Tensor],
     args: TrinityModelArgs,
     hf_dir: Path,
+    tokenizer_dir: Path | None,
     max_shard_bytes: int = 5 * 2**30,
     dtype: torch.dtype | None = None,
 ) -> list[Path]:
-    """Write `state` (Trinity keys) as HF safetensors shards + index + config.json; returns the shards."""
+    """Write `state` (Trinity keys) as HF safetensors shards + index, and config.json,
+    generation_config.json and the tokenizer files of `tokenizer_dir`; returns the shards."""
     hf_state = TrinityStateDictAdapter(args, None).to_hf(state)
     hf_dir.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -94,10 +104,8 @@ def write_hf(
     total = sum(t.numel() * t.element_size() for shard in shards for t in shard.values())
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (hf_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    config = args.to_hf_config()
-    if dtype is not None:
-        config["dtype"] = str(dtype).removeprefix("torch.")
-    (hf_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    weights_dtype = dtype or next(t.dtype for t in hf_state.values() if t.is_floating_point())
+    write_hf_metadata(hf_dir, args, tokenizer_dir, weights_dtype)
     return [hf_dir / n for n in names]
 
 
@@ -122,15 +130,28 @@ def dcp_to_hf(
     dcp_dir: Path,
     hf_dir: Path,
     args: TrinityModelArgs,
+    tokenizer_dir: Path | None,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = 5 * 2**30,
 ) -> list[Path]:
-    return write_hf(read_dcp_model(dcp_dir, args), args, hf_dir, max_shard_bytes, dtype)
+    state = read_dcp_model(dcp_dir, args)
+    return write_hf(state, args, hf_dir, tokenizer_dir, max_shard_bytes, dtype)
+
+
+TOKENIZER_HELP = (
+    "the run's tokenizer folder ([model] hf_assets_path): copied, and its ids in config.json"
+)
+
+
+def _shape_arguments(parser: argparse.ArgumentParser) -> None:
+    shape = parser.add_mutually_exclusive_group(required=True)
+    shape.add_argument("--hf-config", help="an HF config.json describing the model")
+    shape.add_argument("--flavor", help="a Trinity flavor name (debugmodel, nano, mini, large)")
 
 
 def _model_args(ns: argparse.Namespace) -> TrinityModelArgs:
     if ns.hf_config:
-        return TrinityModelArgs.from_hf_config(json.loads(Path(ns.hf_config).read_text()))
+        return TrinityModelArgs.from_hf_config(read_hf_config(ns.hf_config, "--hf-config"))
     if ns.flavor not in trinity_flavors:
         raise SystemExit(f"unknown --flavor {ns.flavor!r}; choose one of {sorted(trinity_flavors)}")
     return trinity_flavors[ns.flavor]
@@ -152,9 +173,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     to_hf.add_argument("dcp_dir", type=Path)
     to_hf.add_argument("hf_dir", type=Path)
-    shape = to_hf.add_mutually_exclusive_group(required=True)
-    shape.add_argument("--hf-config", help="an HF config.json describing the model")
-    shape.add_argument("--flavor", help="a Trinity flavor name (debugmodel, nano, mini, large)")
+    _shape_arguments(to_hf)
+    tokenizer = to_hf.add_mutually_exclusive_group(required=True)
+    tokenizer.add_argument("--tokenizer", type=Path, help=TOKENIZER_HELP)
+    tokenizer.add_argument(
+        "--no-tokenizer",
+        action="store_true",
+        help="weights and config.json only (AutoTokenizer cannot load the folder)",
+    )
     to_hf.add_argument(
         "--dtype",
         default=None,
@@ -162,23 +188,53 @@ def main(argv: list[str] | None = None) -> int:
         help="cast weights (default: keep)",
     )
     to_hf.add_argument("--max-shard-size-gb", type=float, default=5.0)
+    complete = sub.add_parser(
+        "complete-hf",
+        help="add config.json, generation_config.json and the tokenizer to a folder of HF weights",
+    )
+    complete.add_argument("hf_dir", type=Path)
+    _shape_arguments(complete)
+    complete.add_argument("--tokenizer", type=Path, required=True, help=TOKENIZER_HELP)
+    complete.add_argument(
+        "--dtype",
+        default="float32",
+        choices=sorted(TORCH_DTYPE_MAP),
+        help="the weights' dtype ([checkpoint] export_dtype; default float32)",
+    )
     ns = parser.parse_args(argv)
     # DCP announces that it runs in a single process: that is the intent here.
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
-    if ns.command == "hf-to-dcp":
-        args = hf_to_dcp(ns.hf_dir, ns.dcp_dir, TORCH_DTYPE_MAP[ns.dtype])
-        print(
-            f"wrote DCP checkpoint {ns.dcp_dir} ({args.n_layers} layers, {args.num_experts} experts)"
-        )
-    else:
-        dtype = TORCH_DTYPE_MAP[ns.dtype] if ns.dtype else None
-        shards = dcp_to_hf(
-            ns.dcp_dir, ns.hf_dir, _model_args(ns), dtype, int(ns.max_shard_size_gb * 2**30)
-        )
-        print(
-            f"wrote {len(shards)} safetensors shard(s), {INDEX_FILE} and config.json to {ns.hf_dir}"
-        )
+    try:
+        if ns.command == "complete-hf":
+            written = write_hf_metadata(
+                ns.hf_dir, _model_args(ns), ns.tokenizer, TORCH_DTYPE_MAP[ns.dtype]
+            )
+            print(f"wrote {', '.join(written)} to {ns.hf_dir}")
+        elif ns.command == "hf-to-dcp":
+            args = hf_to_dcp(ns.hf_dir, ns.dcp_dir, TORCH_DTYPE_MAP[ns.dtype])
+            print(
+                f"wrote DCP checkpoint {ns.dcp_dir} ({args.n_layers} layers, {args.num_experts} experts)"
+            )
+        else:
+            dtype = TORCH_DTYPE_MAP[ns.dtype] if ns.dtype else None
+            tokenizer = None if ns.no_tokenizer else ns.tokenizer
+            shards = dcp_to_hf(
+                ns.dcp_dir,
+                ns.hf_dir,
+                _model_args(ns),
+                tokenizer,
+                dtype,
+                int(ns.max_shard_size_gb * 2**30),
+            )
+            extra = "generation_config.json and the tokenizer" if tokenizer else "no tokenizer"
+            print(
+                f"wrote {len(shards)} safetensors shard(s), {INDEX_FILE}, config.json, {extra} "
+                f"to {ns.hf_dir}"
+            )
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

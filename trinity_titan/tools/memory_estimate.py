@@ -182,10 +182,16 @@ def block_activation_bytes(args, s: ActivationShape, layer_id: int) -> int:
 
 
 def activation_bytes(
-    args, s: ActivationShape, ac_mode: str, fused_loss_chunk: int | None = None
+    args,
+    s: ActivationShape,
+    checkpointed: set[int],
+    fused_loss_chunk: int | None = None,
 ) -> dict[str, int]:
     """Activation estimate for one micro-batch: blocks, plus the loss's fp32 logits and gradient.
 
+    `checkpointed`: the layers whose whole block is recomputed in backward (activation
+    checkpointing 'full', or 'selective' every n-th layer). Such a block keeps only its input,
+    and backward rebuilds one of them at a time; every other block keeps all its tensors.
     The materialised loss holds [tokens, vocab] fp32 logits and their gradient (replicated over
     TP: no loss parallelism). The fused loss holds one chunk of them plus an fp32 accumulator for
     the head's weight gradient.
@@ -197,8 +203,7 @@ def activation_bytes(
         logits += args.vocab_size * args.dim * 4
     else:
         logits = 2 * tokens * args.vocab_size * 4
-    if ac_mode == "full":
-        kept = args.n_layers * tokens // s.tp * args.dim * s.compute_bytes + max(blocks)
-    else:
-        kept = sum(blocks)
+    block_input = tokens // s.tp * args.dim * s.compute_bytes
+    kept = sum(block_input if i in checkpointed else b for i, b in enumerate(blocks))
+    kept += max((blocks[i] for i in checkpointed), default=0)  # one block rebuilt in backward
     return {"blocks": kept, "logits": logits}

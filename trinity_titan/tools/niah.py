@@ -5,7 +5,7 @@ at random depths of a filler haystack of the target length, then asks for one ke
 model answers greedily and a sample counts as correct when the value appears in the answer.
 
     python -m trinity_titan.tools.niah --checkpoint outputs/run/checkpoint/step-1000 --flavor nano \
-        --tokenizer ./assets/trinity_tokenizer --lengths 4096,16384,65536
+        --tokenizer ./assets/trinity_nano --lengths 4096,16384,65536
     python -m trinity_titan.tools.niah --checkpoint HF_DIR --tokenizer HF_DIR --lengths 8192
 
 A checkpoint directory with a config.json is read as HF safetensors; otherwise as a TorchTitan DCP

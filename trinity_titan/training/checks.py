@@ -25,7 +25,7 @@ from trinity_titan.data.sources import SourceSpec
 from trinity_titan.job_config import CONFIG_MODULE, ConfigError
 from trinity_titan.kernels.backend import resolve_backend
 from trinity_titan.model.args import TrinityModelArgs
-from trinity_titan.model.flavors import trinity_flavors
+from trinity_titan.model.flavors import FLAVOR_ASSETS, trinity_flavors
 from trinity_titan.parallel.degrees import Degrees, check_layout
 
 TRINITY_TRAINER = "python -m trinity_titan.train"
@@ -122,17 +122,27 @@ def _looks_local(path: str) -> bool:
     return path.startswith(("/", "./", "../", "~")) or path.startswith(os.sep)
 
 
+def fetch_command(flavor: str, dest: str) -> str:
+    """The command that fills `dest` with `flavor`'s tokenizer (any other flavor: Nano's, the
+    same tokenizer)."""
+    assets = FLAVOR_ASSETS.get(flavor)
+    name = flavor if assets is not None else "nano"
+    to = "" if assets is not None and Path(dest) == Path(assets.folder) else f" --dest {dest}"
+    return f"`python -m trinity_titan.tools.fetch_assets {name}{to}`"
+
+
 def check_paths(job_config: JobConfig) -> None:
     assets = job_config.model.hf_assets_path
+    fix = f"Fix: {fetch_command(job_config.model.flavor, assets)} downloads the Trinity tokenizer"
     if not assets or not Path(assets).expanduser().is_dir():
         raise ConfigError(
-            f"[model] hf_assets_path = {assets!r} is not a directory. Fix: point "
-            "--model.hf_assets_path at a folder holding tokenizer.json (and config.json)."
+            f"[model] hf_assets_path = {assets!r} is not a directory. {fix} and config.json "
+            "there; or point --model.hf_assets_path at a folder holding tokenizer.json."
         )
     if not any((Path(assets) / f).is_file() for f in ("tokenizer.json", "vocab.json", "vocab.txt")):
         raise ConfigError(
-            f"[model] hf_assets_path = {assets!r} holds no tokenizer.json. Fix: download the "
-            "tokenizer into it, or point --model.hf_assets_path at the folder that has it."
+            f"[model] hf_assets_path = {assets!r} holds no tokenizer.json. {fix} and config.json "
+            "into it; or point --model.hf_assets_path at the folder that has it."
         )
     training = job_config.training
     if training.dataset not in DATASETS:

@@ -149,25 +149,64 @@ class ExpertBiasBalancer:
             moe.tokens_per_expert.zero_()
             moe.balance_loss_sum.zero_()
 
-    def metrics(self) -> dict[str, float]:
-        """Router health of the last finished step (empty before the first step)."""
+    def layer_stats(self) -> RouterStats | None:
+        """Router statistics of the last finished step, per MoE layer, on the host (None before
+        the first step). One device-to-host copy for all layers."""
         if self.last_counts is None:
-            return {}
-        # One device-to-host copy for all layers (not a sync per layer and statistic).
+            return None
         experts = self.last_counts.shape[1]
         bias = torch.stack([moe.expert_bias.double() for _, moe in self.layers])
         host = torch.cat([self.last_counts, bias, self.last_balance_loss[:, None]], dim=1).cpu()
-        counts, bias, balance = host[:, :experts], host[:, experts:-1], host[:, -1]
-        frac = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
+        return RouterStats(
+            layer_ids=[int(layer_id) for layer_id, _ in self.layers],
+            counts=host[:, :experts],
+            bias=host[:, experts:-1],
+            balance_loss=host[:, -1],
+        )
+
+    def metrics(self) -> dict[str, float]:
+        """Router health of the last finished step (empty before the first step)."""
+        stats = self.layer_stats()
+        if stats is None:
+            return {}
         out: dict[str, float] = {
-            f"moe/maxvio/layer_{layer_id}": max_violation(c).item()
-            for (layer_id, _), c in zip(self.layers, counts, strict=True)
+            f"moe/maxvio/layer_{layer_id}": v
+            for layer_id, v in zip(stats.layer_ids, stats.maxvio.tolist(), strict=True)
         }
+        frac = stats.load / stats.counts.shape[1]
         out["moe/maxvio_worst"] = max(out.values())
         out["moe/load_frac_min"] = frac.min().item()
         out["moe/load_frac_max"] = frac.max().item()
-        out["moe/dead_experts"] = int((counts == 0).sum().item())
-        out["moe/bias_min"] = bias.min().item()
-        out["moe/bias_max"] = bias.max().item()
-        out["loss/balance"] = balance.sum().item()
+        out["moe/dead_experts"] = int(stats.dead.sum().item())
+        out["moe/bias_min"] = stats.bias.min().item()
+        out["moe/bias_max"] = stats.bias.max().item()
+        out["loss/balance"] = stats.balance_loss.sum().item()
         return out
+
+
+@dataclass(frozen=True)
+class RouterStats:
+    """One step's global token counts and biases of every MoE layer, on the host."""
+
+    layer_ids: list[int]
+    counts: torch.Tensor
+    """[layers, experts] tokens routed to each expert (fp64)."""
+    bias: torch.Tensor
+    """[layers, experts] expert biases after the step's update."""
+    balance_loss: torch.Tensor
+    """[layers] balance-loss values (alpha applied)."""
+
+    @property
+    def load(self) -> torch.Tensor:
+        """[layers, experts] n_i / mean(n): 1 is a balanced expert, 0 a dead one."""
+        return self.counts / self.counts.mean(dim=1, keepdim=True).clamp_min(1e-30)
+
+    @property
+    def maxvio(self) -> torch.Tensor:
+        """[layers] MaxVio = max_i (n_i - nbar) / nbar."""
+        return torch.stack([max_violation(c) for c in self.counts])
+
+    @property
+    def dead(self) -> torch.Tensor:
+        """[layers] experts that got no token."""
+        return (self.counts == 0).sum(dim=1)
