@@ -115,7 +115,10 @@ GPUS = torch.cuda.device_count()
     "layout",
     list(LAYOUTS)
     + [
-        pytest.param(name, marks=pytest.mark.skipif(GPUS < 2, reason="FlexAttention needs CUDA"))
+        pytest.param(
+            name,
+            marks=[pytest.mark.cuda, pytest.mark.skipif(GPUS < 2, reason="needs 2 CUDA devices")],
+        )
         for name in FLEX_LAYOUTS
     ],
 )
