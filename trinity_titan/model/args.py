@@ -136,6 +136,8 @@ class TrinityModelArgs(BaseModelArgs):
             if value is not None:
                 setattr(self, f.name, value)
         self.kernel_backend = resolve_backend(job_config.kernels.backend)
+        experts = "torch._grouped_mm" if self.use_grouped_mm else "a per-expert loop"
+        logger.info(f"Trinity routed experts: {experts}")
         self.validate()
 
     def get_nparams_and_flops(self, model: nn.Module, seq_len: int) -> tuple[int, int]:
