@@ -57,11 +57,12 @@ class TrinityModelArgs(BaseModelArgs):
     route_scale: float = 2.826
     use_grouped_mm: bool = field(default_factory=torch.cuda.is_available)
     """Routed experts through torch._grouped_mm, else a loop of per-expert matmuls (same values).
-    Default per device: grouped on CUDA (one kernel for all experts, no host sync; bf16 CUTLASS
-    on SM90/SM100, torch's own per-group fallback elsewhere); the loop on CPU, where torch's
-    kernel runs the same per-group matmuls and the loop skips the padding, which made it up to
-    1.4x faster on the debug shapes and equal on Nano's (docs/benchmarks.md). `[moe]
-    use_grouped_mm` overrides it. Both run in the input dtype, or autocast's."""
+    Default per device: grouped on CUDA (one kernel for all experts; bf16 CUTLASS without a host
+    sync on SM90/SM100, torch's per-group fallback elsewhere and in fp32); the loop on CPU, where
+    torch's kernel runs the same per-group matmuls and the grouped path also pays for the
+    padding: the loop measured 1.02-1.16x faster at the debug shapes and 1.03-1.08x at Nano's
+    (docs/benchmarks.md). `[moe] use_grouped_mm` overrides it. Both run in the input dtype, or
+    autocast's."""
 
     # Expert-bias balancing defaults of the flavor (the [moe] TOML section overrides them).
     balance_method: BalanceMethod = "aux_free"
