@@ -22,3 +22,13 @@ def debug_args() -> TrinityModelArgs:
     args = copy.deepcopy(trinity_flavors["debugmodel"])
     args.use_grouped_mm = False
     return args
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `cuda` (`pytest -m cuda` selects them) are skipped without a CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(skip)

@@ -61,6 +61,10 @@ class MoE:
     balance_loss_coeff: float | None = None
     """alpha of the sequence-wise balance loss (report: 1e-4 for large, 0 elsewhere)."""
 
+    use_grouped_mm: bool | None = None
+    """Routed experts through torch._grouped_mm (true) or an exact loop of per-expert matmuls
+    (false). None keeps the model's default, chosen per device (TrinityModelArgs.use_grouped_mm)."""
+
 
 @dataclass
 class NanGuard:

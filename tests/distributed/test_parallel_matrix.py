@@ -115,13 +115,43 @@ GPUS = torch.cuda.device_count()
     "layout",
     list(LAYOUTS)
     + [
-        pytest.param(name, marks=pytest.mark.skipif(GPUS < 2, reason="FlexAttention needs CUDA"))
+        pytest.param(
+            name,
+            marks=[pytest.mark.cuda, pytest.mark.skipif(GPUS < 2, reason="needs 2 CUDA devices")],
+        )
         for name in FLEX_LAYOUTS
     ],
 )
 def test_layout_matches_one_rank(tmp_path, seed, baseline, layout):
     losses, _ = _run_layout(tmp_path, seed, baseline, *{**LAYOUTS, **FLEX_LAYOUTS}[layout])
     assert losses[STEPS] < losses[1]
+
+
+# Routed experts through torch._grouped_mm (the CPU default is the per-expert loop): on one rank
+# it trains like the loop, and the expert-parallel layouts (whose all-to-all dispatch pads the
+# token groups) match that 1-rank run.
+GROUPED = ("--moe.use_grouped_mm", "True")
+GROUPED_LOG = "Trinity routed experts: torch._grouped_mm"
+GROUPED_LAYOUTS = {name: LAYOUTS[name] for name in ("ep2", "fsdp2_ep2")}
+
+
+@pytest.fixture(scope="module")
+def grouped_baseline(tmp_path_factory, seed):
+    losses, log = _one_rank(tmp_path_factory, seed, *GROUPED)
+    assert GROUPED_LOG in log
+    return losses
+
+
+def test_grouped_experts_one_rank_trains_like_the_loop(grouped_baseline, baseline):
+    assert grouped_baseline[STEPS] < grouped_baseline[1] - 0.3, grouped_baseline
+    for step in baseline:
+        assert grouped_baseline[step] == pytest.approx(baseline[step], rel=2e-5), step
+
+
+@pytest.mark.parametrize("layout", list(GROUPED_LAYOUTS))
+def test_grouped_experts_layout_matches_one_rank(tmp_path, seed, grouped_baseline, layout):
+    _, log = _run_layout(tmp_path, seed, grouped_baseline, *GROUPED_LAYOUTS[layout], *GROUPED)
+    assert GROUPED_LOG in log
 
 
 def _run_layout(

@@ -22,7 +22,7 @@ from trinity_titan.model.lm_head import FusedLoss
 from trinity_titan.model.moe import TrinityExperts
 from trinity_titan.training.checks import check_job
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger's kernels need CUDA")
+cuda = pytest.mark.cuda  # Liger's kernels need CUDA (skipped without it: tests/conftest.py)
 
 
 # ---------------------------------------------------------------------------- references

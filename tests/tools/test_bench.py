@@ -72,3 +72,18 @@ def test_deepseek_is_matched_to_the_nano_proxy():
     d_params, d_flops = deepseek.get_nparams_and_flops(d_model, 4096)
     assert abs(d_params / t_params - 1) < 0.1, (t_params, d_params)
     assert abs(d_flops / t_flops - 1) < 0.1, (t_flops, d_flops)
+
+
+def test_attention_timing_of_both_kernels():
+    """`--attention`: the model's SDPA and FlexAttention ops, forward + backward, on a local and
+    a global layer; FlexAttention has no backward on CPU and is reported as skipped there."""
+    import copy
+
+    from trinity_titan.model import trinity_flavors
+    from trinity_titan.tools.bench import time_attention
+
+    args = copy.deepcopy(trinity_flavors["debugmodel"])
+    row = time_attention(args, 64, 1, torch.float32, torch.device("cpu"), repeats=2)
+    assert row["local_sdpa_ms"] > 0 and row["global_sdpa_ms"] > 0
+    assert "does not support backward on CPU" in row["local_flex_skipped"]
+    assert "global_flex_skipped" in row and "local_max_rel_diff" not in row

@@ -8,11 +8,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from torch import nn
 from torchtitan.config import JobConfig
 from torchtitan.protocols.model import BaseModelArgs
 from torchtitan.tools.logging import logger
-from torchtitan.tools.utils import has_cuda_capability
 
 from trinity_titan.job_config import ConfigError
 from trinity_titan.kernels.backend import resolve_backend
@@ -60,8 +60,14 @@ class TrinityModelArgs(BaseModelArgs):
     num_shared_experts: int = 1
     moe_hidden_dim: int = 256
     route_scale: float = 2.826
-    use_grouped_mm: bool = field(default_factory=lambda: has_cuda_capability(9, 0))
-    """torch._grouped_mm (bf16) for routed experts; needs SM90+. Elsewhere an exact per-expert loop."""
+    use_grouped_mm: bool = field(default_factory=torch.cuda.is_available)
+    """Routed experts through torch._grouped_mm, else a loop of per-expert matmuls (same values).
+    Default per device: grouped on CUDA (one kernel for all experts; bf16 CUTLASS without a host
+    sync on SM90/SM100, torch's per-group fallback elsewhere and in fp32); the loop on CPU, where
+    torch's kernel runs the same per-group matmuls and the grouped path also pays for the
+    padding: the loop measured 1.02-1.16x faster at the debug shapes and 1.03-1.08x at Nano's
+    (docs/benchmarks.md). `[moe] use_grouped_mm` overrides it. Both run in the input dtype, or
+    autocast's."""
 
     # Expert-bias balancing defaults of the flavor (the [moe] TOML section overrides them).
     balance_method: BalanceMethod = "aux_free"
@@ -113,6 +119,12 @@ class TrinityModelArgs(BaseModelArgs):
             problems.append(f"top_k ({self.top_k}) must be in [1, num_experts={self.num_experts}]")
         if self.sliding_window < 1:
             problems.append(f"sliding_window ({self.sliding_window}) must be >= 1")
+        if self.use_grouped_mm and (self.dim % 8 or self.moe_hidden_dim % 8):
+            problems.append(
+                f"use_grouped_mm needs dim ({self.dim}) and moe_hidden_dim ({self.moe_hidden_dim})"
+                " to be multiples of 8 (torch._grouped_mm wants 16-byte rows in bf16); set"
+                " [moe] use_grouped_mm = false"
+            )
         if problems:
             raise ConfigError("invalid Trinity model args: " + "; ".join(problems))
 
@@ -134,9 +146,8 @@ class TrinityModelArgs(BaseModelArgs):
             if value is not None:
                 setattr(self, f.name, value)
         self.kernel_backend = resolve_backend(job_config.kernels.backend)
-        if self.use_grouped_mm and not has_cuda_capability(9, 0):
-            logger.info("torch._grouped_mm needs SM90+; routed experts use a per-expert loop")
-            self.use_grouped_mm = False
+        experts = "torch._grouped_mm" if self.use_grouped_mm else "a per-expert loop"
+        logger.info(f"Trinity routed experts: {experts}")
         self.validate()
 
     def get_nparams_and_flops(self, model: nn.Module, seq_len: int) -> tuple[int, int]:

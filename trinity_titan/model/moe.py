@@ -25,6 +25,12 @@ from trinity_titan.model.balance_loss import BalanceLossLayout, add_aux_loss, se
 from trinity_titan.model.init import trunc_normal_3sigma_
 
 
+def matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on `x` computes in: autocast's where it is on, else x's own."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 def count_tokens(selected_experts: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Tokens per expert as int64, without a host sync (torch.histc has no int64 CPU kernel)."""
     flat = selected_experts.reshape(-1)
@@ -102,25 +108,41 @@ class TrinityExperts(GroupedExperts):
         return silu_mul(mm(x, w1), mm(x, w3), self.backend)
 
     def _grouped_mm(self, w1, w2, w3, x, num_tokens_per_expert) -> torch.Tensor:
-        """torch._grouped_mm in bf16 over contiguous token groups (SM90+)."""
+        """torch._grouped_mm over contiguous token groups, in the matmul dtype of `x`.
+
+        That dtype is autocast's where autocast is on (torch does not autocast _grouped_mm),
+        else the input's: fp32 stays fp32, bf16 (FSDP's mixed precision) stays bf16.
+        The kernel leaves rows past the last group unwritten, in its output and in its input
+        gradient. Those rows are padding, which TorchTitan's dispatch fills with zeros
+        (`_permute`), so the last group is extended over them: SwiGLU maps a zero row to a
+        zero row, with zero gradients, at no extra pass over the activations.
+        """
+        dtype = matmul_dtype(x)
         offsets = torch.cumsum(num_tokens_per_expert, dim=0, dtype=torch.int32)
+        offsets[-1] = x.shape[0]
 
         def mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-            return torch._grouped_mm(a, w.bfloat16().transpose(-2, -1), offs=offsets)
+            # Cast per call, as autocast does: the two input gradients of x then add in fp32.
+            return torch._grouped_mm(a.to(dtype), w.to(dtype).transpose(-2, -1), offs=offsets)
 
-        h = self._swiglu(x.bfloat16(), w1, w3, mm)
-        return mm(h, w2).type_as(x)
+        return mm(self._swiglu(x, w1, w3, mm), w2)
 
     def _per_expert_loop(self, w1, w2, w3, x, num_tokens_per_expert) -> torch.Tensor:
-        """One matmul triple per expert (host sync on the counts); exact in any dtype."""
+        """One matmul triple per expert (host sync on the counts); exact in any dtype.
+
+        The weights are unbound once: indexing `w[e]` per expert would give each expert a
+        backward that writes a zero gradient of all E experts (O(E^2) memory traffic, 30x the
+        whole step at Nano's 128 experts on a CPU).
+        """
         counts = num_tokens_per_expert.tolist()
         used = sum(counts)
         outs = []
-        for e, xe in enumerate(torch.split(x[:used], counts, dim=0)):
-            h = self._swiglu(xe, w1[e], w3[e], lambda a, w: a @ w.transpose(-2, -1))
-            outs.append(h @ w2[e].transpose(-2, -1))
+        experts = zip(w1.unbind(0), w2.unbind(0), w3.unbind(0), strict=True)
+        for (w1e, w2e, w3e), xe in zip(experts, torch.split(x[:used], counts, dim=0), strict=True):
+            h = self._swiglu(xe, w1e, w3e, lambda a, w: a @ w.transpose(-2, -1))
+            outs.append(h @ w2e.transpose(-2, -1))
         # Rows past the counted tokens are padding (expert parallel): their output is zero.
-        outs.append(x.new_zeros((x.shape[0] - used, w2.shape[1])))
+        outs.append(x.new_zeros((x.shape[0] - used, w2.shape[1]), dtype=matmul_dtype(x)))
         return torch.cat(outs, dim=0)
 
     def init_weights(self, init_std: float) -> None:

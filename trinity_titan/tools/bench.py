@@ -14,7 +14,14 @@ Throughput excludes the --warmup steps. MFU = tokens/s x training FLOPs per toke
 as is peak memory (the process RSS cannot be reset between runs). Parameters stay fp32; with
 `training.mixed_precision_param = "bfloat16"` the steps run under bf16 autocast, as TorchTitan
 does on a single device. `compile.enable` and `activation_checkpoint.mode` are applied with
-TorchTitan's helpers, as in training.
+TorchTitan's helpers, as in training (pass them as overrides: `--compile.enable`).
+
+`--attention 4096,8192` times the attention op instead (SDPA vs FlexAttention, forward +
+backward, a local and a global layer of the model's heads and window), in the config's
+mixed-precision dtype:
+
+    python -m trinity_titan.tools.bench --config train_configs/trinity_nano.toml --proxy nano \
+        --attention 4096,8192 --batch-size 1
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import copy
 import gc
 import json
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -43,6 +51,12 @@ import trinity_titan  # noqa: F401  (registers the trinity spec, CPU support)
 from trinity_titan.compat.cpu import cpu_int_histc
 from trinity_titan.kernels import resolve_backend
 from trinity_titan.model import TrinityModel, TrinityModelArgs, trinity_flavors
+from trinity_titan.model.attention import (
+    FlexAttention,
+    ScaledDotProductAttention,
+    build_flex_masks,
+    build_sdpa_masks,
+)
 from trinity_titan.model.lm_head import FusedLoss
 from trinity_titan.parallel.parallelize import apply_ac_and_compile
 
@@ -227,6 +241,76 @@ def run_case(
     return result
 
 
+# ---------------------------------------------------------------------------- attention op
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_attention(
+    args: TrinityModelArgs,
+    seq_len: int,
+    batch: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    repeats: int,
+) -> dict[str, Any]:
+    """Forward + backward of the attention op alone, SDPA vs FlexAttention, on a local
+    (sliding-window) and a global (causal) layer: the model's kernels and mask builders.
+
+    Each figure is the median of `repeats` timed calls after two untimed ones (FlexAttention
+    compiles on the first). `max_rel_diff` = max |flex - sdpa| / max |sdpa| of the outputs.
+    """
+    gen = torch.Generator().manual_seed(0)
+
+    def tensor(heads: int) -> torch.Tensor:
+        t = torch.randn(batch, heads, seq_len, args.head_dim, generator=gen)
+        return t.to(device=device, dtype=dtype).requires_grad_()
+
+    q, k, v = tensor(args.n_heads), tensor(args.n_kv_heads), tensor(args.n_kv_heads)
+    grad = torch.randn(q.shape, generator=gen).to(device=device, dtype=dtype) / 3
+    scale = args.head_dim**-0.5
+    tokens = torch.zeros(batch, seq_len, dtype=torch.long, device=device)
+    sdpa_masks = build_sdpa_masks(seq_len, args.sliding_window, device)
+    flex_masks = build_flex_masks(tokens, args.sliding_window)
+    kernels = {
+        "sdpa": (ScaledDotProductAttention(), sdpa_masks),
+        "flex": (FlexAttention(), flex_masks),
+    }
+    result: dict[str, Any] = {"seq_len": seq_len, "batch": batch}
+    for layer in ("local", "global"):
+        outputs: dict[str, torch.Tensor] = {}
+        for name, (kernel, masks) in kernels.items():
+            mask = masks.local if layer == "local" else masks.global_
+
+            def call(kernel=kernel, mask=mask) -> torch.Tensor:
+                q.grad = k.grad = v.grad = None
+                out = kernel(q, k, v, mask, scale)
+                out.backward(grad)
+                return out.detach()
+
+            try:
+                times = []
+                for i in range(repeats + 2):
+                    _sync(device)
+                    start = time.perf_counter()
+                    outputs[name] = call()
+                    _sync(device)
+                    if i >= 2:
+                        times.append(time.perf_counter() - start)
+                result[f"{layer}_{name}_ms"] = round(1e3 * statistics.median(times), 3)
+            except NotImplementedError as e:  # FlexAttention has no backward on CPU
+                result[f"{layer}_{name}_skipped"] = f"{type(e).__name__}: {e}"
+        if len(outputs) == 2:
+            sdpa, flex = outputs["sdpa"].float(), outputs["flex"].float()
+            diff = (flex - sdpa).abs().max() / sdpa.abs().max()
+            result[f"{layer}_max_rel_diff"] = float(f"{diff.item():.3g}")
+            result[f"{layer}_flex_speedup"] = round(
+                result[f"{layer}_sdpa_ms"] / result[f"{layer}_flex_ms"], 3
+            )
+    return result
+
+
 # ---------------------------------------------------------------------------- entry point
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(
@@ -254,6 +338,14 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--batch-size", type=int, default=None, help="sequences per step")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence")
     p.add_argument("--data", choices=("corpus", "random"), default="corpus")
+    p.add_argument(
+        "--attention",
+        default=None,
+        metavar="SEQ,SEQ",
+        help="instead of training: time the attention op (SDPA vs FlexAttention, forward + "
+        "backward) at these sequence lengths, with the model's heads and window",
+    )
+    p.add_argument("--attention-repeats", type=int, default=5)
     return p.parse_known_args(argv)
 
 
@@ -296,6 +388,40 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         device=device,
         peak_flops=peak_flops,
     )
+    header = {
+        "config": opts.config,
+        "proxy": opts.proxy,
+        "model_shape": {
+            "dim": base.dim,
+            "n_layers": base.n_layers,
+            "vocab_size": base.vocab_size,
+            "experts": f"{base.num_experts} top-{base.top_k} + {base.num_shared_experts} shared",
+        },
+        "device": device_name,
+        "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "torch": torch.__version__,
+        "dtype": training.mixed_precision_param,
+    }
+    if opts.attention:
+        report = {
+            **header,
+            "heads": f"{base.n_heads} q / {base.n_kv_heads} kv x {base.head_dim}",
+            "sliding_window": base.sliding_window,
+            "repeats": opts.attention_repeats,
+            "attention": [
+                time_attention(
+                    base,
+                    int(seq),
+                    training.local_batch_size,
+                    TORCH_DTYPE_MAP[training.mixed_precision_param],
+                    device,
+                    opts.attention_repeats,
+                )
+                for seq in opts.attention.split(",")
+            ],
+        }
+        print(json.dumps(report, indent=2))
+        return report
     runs = []
     for requested in [b.strip() for b in opts.backends.split(",") if b.strip()]:
         try:
@@ -330,18 +456,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                 )
             )
     report = {
-        "config": opts.config,
-        "proxy": opts.proxy,
-        "model_shape": {
-            "dim": base.dim,
-            "n_layers": base.n_layers,
-            "vocab_size": base.vocab_size,
-            "experts": f"{base.num_experts} top-{base.top_k} + {base.num_shared_experts} shared",
-        },
-        "device": device_name,
-        "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "torch": torch.__version__,
-        "dtype": training.mixed_precision_param,
+        **header,
+        "compile": job_config.compile.enable and "model" in job_config.compile.components,
+        "attn_type": base.attn_type,
+        "grouped_mm": base.use_grouped_mm,
         "data": opts.data,
         "batch_size": training.local_batch_size,
         "seq_len": training.seq_len,
