@@ -202,6 +202,22 @@ class Parallelism:
 
 
 @dataclass
+class RunLock:
+    """One run per output folder: a lock file in the dump folder (and beside a checkpoint folder
+    outside it), taken by rank 0 before any compute and released at exit."""
+
+    enable: bool = True
+    """Take the lock; a second run on a folder in use stops in seconds, naming the holder."""
+
+    heartbeat_s: float = 30.0
+    """How often the holder rewrites its heartbeat into the lock file."""
+
+    stale_after_s: float = 300.0
+    """A lock held from another host is stale (its run is gone) when its heartbeat is older than
+    this. On the same host the holder's process id decides at once."""
+
+
+@dataclass
 class JobConfig:
     model: Model = field(default_factory=Model)
     moe: MoE = field(default_factory=MoE)
@@ -212,3 +228,4 @@ class JobConfig:
     data: Data = field(default_factory=Data)
     kernels: Kernels = field(default_factory=Kernels)
     parallelism: Parallelism = field(default_factory=Parallelism)
+    run_lock: RunLock = field(default_factory=RunLock)
