@@ -167,6 +167,21 @@ class Data:
     From each threshold on the global batch changes by gradient accumulation; the LR schedule
     keeps counting steps. Needs `python -m trinity_titan.train`."""
 
+    validate: Literal["full", "head", "off"] = "full"
+    """Scan the local sources before the model is built, split over the ranks: 'full' reads
+    every document (each parses, has its text field, is valid UTF-8 and not blank); 'head' only
+    the first `validate_head_docs` of each file; 'off' none (bad documents then surface when
+    read). Hub sources are never scanned: each document is checked when it is read."""
+
+    validate_head_docs: int = 1000
+    """Documents per file that `validate = "head"` checks."""
+
+    on_bad_document: Literal["error", "skip"] = "error"
+    """A document without its text field, with a non-string or blank text: 'error' stops (before
+    training when the scan finds it, naming the file and line or row); 'skip' skips and counts it
+    (`data/skipped_documents`). Lines that are not JSON or not UTF-8 are an error either way:
+    HF's JSON reader fails on the whole file."""
+
 
 @dataclass
 class Kernels:

@@ -3,8 +3,9 @@
 On every log step, next to TorchTitan's own metrics:
   loss/ce, loss/z_loss, loss/batch_het, logits/max, logits/mean, logits/lse_sq_mean (from the loss
   statistics), loss/balance, moe/maxvio/layer_{i}, moe/maxvio_worst, moe/load_frac_min,
-  moe/load_frac_max, moe/dead_experts, moe/bias_min, moe/bias_max (from the expert-bias balancer).
-Trinity's trainer hands both sources over (TorchTitan's trainer hands its metrics processor neither
+  moe/load_frac_max, moe/dead_experts, moe/bias_min, moe/bias_max (from the expert-bias balancer),
+  data/skipped_documents (with `[data] on_bad_document = "skip"`: bad documents skipped so far).
+Trinity's trainer hands these sources over (TorchTitan's trainer hands its metrics processor neither
 the loss nor anything that owns router statistics). `[health]` thresholds turn a crossing into a
 WARNING.
 """
@@ -21,10 +22,18 @@ from torchtitan.config import JobConfig
 from torchtitan.distributed import ParallelDims
 from torchtitan.tools.logging import logger
 
+from trinity_titan.data.skip_count import SkippedDocuments
 from trinity_titan.training.expert_bias import ExpertBiasBalancer
 from trinity_titan.training.loss import LossStats
 
-_STDOUT = ("loss/ce", "loss/z_loss", "loss/balance", "logits/max", "moe/maxvio_worst")
+_STDOUT = (
+    "loss/ce",
+    "loss/z_loss",
+    "loss/balance",
+    "logits/max",
+    "moe/maxvio_worst",
+    "data/skipped_documents",
+)
 """The health metrics also printed on the console, after TorchTitan's step line."""
 
 
@@ -37,9 +46,11 @@ class TrinityMetricsProcessor(MetricsProcessor):
         parallel_dims: ParallelDims,
         tag: str | None = None,
         loss_stats: LossStats | None = None,
+        skipped_documents: SkippedDocuments | None = None,
     ) -> None:
         super().__init__(job_config, parallel_dims, tag)
         self.loss_stats = loss_stats
+        self.skipped_documents = skipped_documents
         self.balancer: ExpertBiasBalancer | None = None
 
     def watch_experts(self, balancer: ExpertBiasBalancer) -> None:
@@ -58,6 +69,8 @@ class TrinityMetricsProcessor(MetricsProcessor):
         metrics.update(self.loss_metrics())
         if self.balancer is not None:
             metrics.update(self.balancer.metrics())
+        if self.skipped_documents is not None:
+            metrics["data/skipped_documents"] = self.skipped_total()
         self.check_health(step, metrics)
         super().log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=metrics)
         shown = [(k, metrics[k]) for k in _STDOUT if k in metrics]
@@ -95,6 +108,16 @@ class TrinityMetricsProcessor(MetricsProcessor):
             "logits/lse_sq_mean": z / n,
         }
 
+    def skipped_total(self) -> int:
+        """Skipped documents over the data-parallel ranks (the ranks of one data-parallel
+        group read the same documents)."""
+        count = torch.tensor(float(self.skipped_documents.total), dtype=torch.float64)
+        mesh = self.parallel_dims.get_optional_mesh("batch")
+        if mesh is not None:
+            count = count.to(mesh.device_type)
+            dist.all_reduce(count, group=mesh.get_group())
+        return int(count.item())
+
     def check_health(self, step: int, metrics: dict[str, Any]) -> None:
         health = self.job_config.health
         max_logit = metrics.get("logits/max")
@@ -120,6 +143,7 @@ def build_trinity_metrics_processor(
     model_args: Any = None,
     tag: str | None = None,
     loss_stats: LossStats | None = None,
+    skipped_documents: SkippedDocuments | None = None,
 ) -> TrinityMetricsProcessor:
     """The metrics processor of the Trinity TrainSpec; wandb runs offline without an API key."""
     if job_config.metrics.enable_wandb and not os.environ.get("WANDB_API_KEY"):
@@ -131,4 +155,4 @@ def build_trinity_metrics_processor(
             "Trinity's loss, logit and router metrics and [health] warnings are logged by "
             "`-m trinity_titan.train`; TorchTitan's trainer logs its own metrics only"
         )
-    return TrinityMetricsProcessor(job_config, parallel_dims, tag, loss_stats)
+    return TrinityMetricsProcessor(job_config, parallel_dims, tag, loss_stats, skipped_documents)
