@@ -70,6 +70,9 @@ class NanGuard:
     inject_nan_at_step: int = 0
     """Testing aid: make rank 0's loss NaN at this step (0 = never)."""
 
+    inject_nan_steps: int = 1
+    """Testing aid: with `inject_nan_at_step`, this many consecutive steps get a NaN loss."""
+
 
 @dataclass
 class Loss:

@@ -48,6 +48,10 @@ class TrinityModelArgs(BaseModelArgs):
     """Scale the token embeddings by sqrt(dim) (muP input scale); the LM head is not scaled."""
     max_seq_len: int = 4096
     """Length of the RoPE cache; set from training.seq_len."""
+    max_context_len: int = 131072
+    """The longest training.seq_len the flavor supports: its published context length (HF
+    model cards: 128K for Trinity Mini, 512K for Large after context extension); the job check
+    refuses a longer seq_len."""
 
     # MoE
     num_experts: int = 128
@@ -200,6 +204,7 @@ class TrinityModelArgs(BaseModelArgs):
             global_attn_every_n_layers=every,
             mup_enabled=bool(config.get("mup_enabled", False)),
             max_seq_len=config.get("max_position_embeddings", 4096),
+            max_context_len=config.get("max_position_embeddings", 131072),
             num_experts=config["num_experts"],
             top_k=config["num_experts_per_tok"],
             num_shared_experts=config.get("num_shared_experts", 1),
