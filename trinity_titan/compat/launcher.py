@@ -4,7 +4,9 @@ torchrun starts every worker in a session of its own, so a `kill -9` of the laun
 process group) leaves the workers training as orphans: they keep the run's lock and keep writing
 checkpoints, and a relaunch would run beside them. `exit_when_launcher_dies` gives each worker a
 watchdog thread that ends it within about a second of its launcher's death. (PR_SET_PDEATHSIG is
-not used: it fires when the parent *thread* ends, which need not be the launcher's end.)
+not used: it fires when the parent *thread* ends, which need not be the launcher's end.) The
+parent is read when the watchdog starts, at `import trinity_titan`; a launcher that died before
+that is not seen (its pid cannot tell: torchrun may itself be pid 1 in a container).
 """
 
 from __future__ import annotations

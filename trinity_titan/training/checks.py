@@ -4,6 +4,8 @@
 TrainSpec's tokenizer builder calls it under TorchTitan's trainer (its first call into Trinity with
 the config; TorchTitan has checked its own degrees by then), and the planner calls it without the
 file checks. Every failure is one `ConfigError` whose message names the option or file and the fix.
+What needs the process group or the output folders (the run lock, the resume choice, the data
+scan) follows in training/run_start.py.
 """
 
 from __future__ import annotations
