@@ -208,7 +208,8 @@ def _scan_table(scan: FileScan, columns: Iterator[pa.Array], head: int | None) -
             except pa.ArrowInvalid as e:
                 scan.fatal = f"has a column {scan.text_field!r} that is not valid UTF-8 ({e})"
                 return
-            blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(column)), 0)
+            # blank: empty, or nothing but whitespace (utf8_is_space is false for "")
+            blank = pc.or_(pc.utf8_is_space(column), pc.equal(pc.binary_length(column), 0))
             bad = pc.fill_null(blank, True)
             if pc.any(bad).as_py():
                 for i in pc.indices_nonzero(bad).to_pylist():
