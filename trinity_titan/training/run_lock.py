@@ -232,7 +232,10 @@ class RunLock:
         os._exit(3)
 
     def release(self) -> None:
-        """Remove the lock files this run holds (never another run's)."""
+        """Remove the lock files this run holds (never another run's; nothing in a forked child,
+        e.g. a dataloader worker, that inherited this object)."""
+        if os.getpid() != self.me.pid:
+            return
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
