@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import functools
+
 import pytest
 
 import trinity_titan  # noqa: F401  (registers the train spec)
@@ -12,6 +15,11 @@ from trinity_titan.training.checks import check_job
 from trinity_titan.training.option_ranges import RANGES, check_model_limits, check_option_ranges
 
 CONFIGS = sorted(DEBUG_TOML.parent.glob("trinity_*.toml"))
+
+
+@pytest.fixture(scope="module")
+def parsed():
+    return debug_job_config()
 
 
 @pytest.mark.parametrize("toml", CONFIGS, ids=lambda p: p.stem)
@@ -61,13 +69,21 @@ def test_every_option_in_the_table_exists():
         ("run_lock.stale_after_s", "0", "> 0"),
     ],
 )
-def test_out_of_range_names_option_value_and_range(option, value, allowed):
-    section, _, name = option.rpartition(".")
+def test_out_of_range_names_option_value_and_range(parsed, option, value, allowed):
+    cfg = copy.deepcopy(parsed)
+    *path, name = option.split(".")
+    section = functools.reduce(getattr, path, cfg)
+    setattr(section, name, type(getattr(section, name) or 0.0)(float(value)))
     with pytest.raises(ConfigError) as e:
-        check_job(debug_job_config(f"--{option}", value), 1, trinity_trainer=True, files=False)
+        check_option_ranges(cfg)
     message = str(e.value)
-    assert message.startswith(f"[{section}] {name} = ")
+    assert message.startswith(f"[{'.'.join(path)}] {name} = ")
     assert f"is out of range: it must be {allowed}. Fix: set --{option} " in message
+
+
+def test_the_command_line_value_is_checked_before_compute():
+    with pytest.raises(ConfigError, match=r"^\[optimizer\] lr = -0.001 is out of range"):
+        check_job(debug_job_config("--optimizer.lr", "-1e-3"), 1, trinity_trainer=True, files=False)
 
 
 def test_seq_len_is_bounded_by_the_flavor():
