@@ -106,7 +106,7 @@ def test_clear_errors(tmp_path):
 @pytest.mark.slow
 def test_training_starts_from_an_hf_checkpoint(tmp_path):
     """TorchTitan's own HF-loading path (initial_load_in_hf) starts exactly where the DCP seed does."""
-    from torchrun_utils import from_seed, make_seed_checkpoint, run_train
+    from tests.distributed.launch import from_seed, make_seed_checkpoint, run_train
 
     seed = make_seed_checkpoint(tmp_path / "seed")
     main(["dcp-to-hf", str(seed), str(tmp_path / "hf"), "--flavor", "debugmodel",
