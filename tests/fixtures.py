@@ -83,3 +83,37 @@ def write_corpora(folder: Path) -> tuple[str, str, str]:
     arrow = folder / "c_arrow"
     Dataset.from_dict({"text": texts[80:]}).save_to_disk(str(arrow))
     return str(jsonl), str(parquet), str(arrow)
+
+
+def save_dcp_checkpoint(
+    step_dir: Path, *, full: bool = True, dp_degree: int = 1, num_workers: int = 0
+) -> Path:
+    """A one-process DCP checkpoint laid out like TorchTitan's: the model keys at the top, and
+    (full) optimizer, lr_scheduler, dataloader (torchdata state, pickled per dp rank) and
+    train_state. Returns `step_dir`."""
+    import pickle
+    import warnings
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    loader = (
+        {"_snapshot": {"_main_snapshot": {"_num_workers": num_workers}}}
+        if num_workers
+        else {"_num_yielded": 3}
+    )
+    state: dict = {"tok_embeddings.weight": torch.randn(64, 16), "norm.weight": torch.ones(16)}
+    if full:
+        state |= {
+            "optimizer": {"state": {"norm.weight": {"exp_avg": torch.zeros(16)}}},
+            "lr_scheduler": {"last_epoch": 3},
+            "dataloader": {
+                **{f"dp_rank_{r}": pickle.dumps(loader) for r in range(dp_degree)},
+                "world_size": dp_degree,
+            },
+            "train_state": {"step": 3, "ntokens_seen": 384},
+        }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(step_dir)), no_dist=True)
+    return step_dir

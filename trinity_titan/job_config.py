@@ -80,6 +80,9 @@ class NanGuard:
     inject_nan_at_step: int = 0
     """Testing aid: make rank 0's loss NaN at this step (0 = never)."""
 
+    inject_nan_steps: int = 1
+    """Testing aid: with `inject_nan_at_step`, this many consecutive steps get a NaN loss."""
+
 
 @dataclass
 class Loss:
@@ -215,6 +218,21 @@ class Data:
     From each threshold on the global batch changes by gradient accumulation; the LR schedule
     keeps counting steps. Needs `python -m trinity_titan.train`."""
 
+    validate: Literal["full", "head", "off"] = "full"
+    """Scan the local sources before the model is built, split over the ranks: 'full' reads
+    every document (each parses, has its text field, is valid UTF-8 and not blank); 'head' only
+    the first `validate_head_docs` of each file; 'off' none (bad documents then surface when
+    read). Hub sources are never scanned: each document is checked when it is read."""
+
+    validate_head_docs: int = 1000
+    """Documents per file that `validate = "head"` checks."""
+
+    on_bad_document: Literal["error", "skip"] = "error"
+    """A document without its text field, with a non-string or blank text: 'error' stops (before
+    training when the scan finds it, naming the file and line or row); 'skip' skips and counts it
+    (`data/skipped_documents`). Lines that are not JSON or not UTF-8 are an error either way:
+    HF's JSON reader fails on the whole file."""
+
 
 @dataclass
 class Kernels:
@@ -250,6 +268,22 @@ class Parallelism:
 
 
 @dataclass
+class RunLock:
+    """One run per output folder: a lock file in the dump folder (and beside a checkpoint folder
+    outside it), taken by rank 0 before any compute and released at exit."""
+
+    enable: bool = True
+    """Take the lock; a second run on a folder in use stops in seconds, naming the holder."""
+
+    heartbeat_s: float = 30.0
+    """How often the holder rewrites its heartbeat into the lock file."""
+
+    stale_after_s: float = 300.0
+    """A lock held from another host is stale (its run is gone) when its heartbeat is older than
+    this. On the same host the holder's process id decides at once."""
+
+
+@dataclass
 class JobConfig:
     model: Model = field(default_factory=Model)
     moe: MoE = field(default_factory=MoE)
@@ -261,3 +295,4 @@ class JobConfig:
     data: Data = field(default_factory=Data)
     kernels: Kernels = field(default_factory=Kernels)
     parallelism: Parallelism = field(default_factory=Parallelism)
+    run_lock: RunLock = field(default_factory=RunLock)

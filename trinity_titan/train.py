@@ -1,10 +1,12 @@
 """`python -m trinity_titan.train`: TorchTitan's trainer with Trinity's training-loop additions.
 
 The stock `-m torchtitan.train` trains every Trinity config too; this subclass adds what needs the
-training loop itself: the config check before the device mesh, the fused linear cross-entropy
+training loop itself: the config check before the process group, the start of the run right after
+it (output-folder lock, resume choice, data scan), the fused linear cross-entropy
 (`[kernels] fused_loss`), the batch-size ramp (`[[data.batch_ramp]]`), SDPA document masks, the
 NaN/inf guard (`[nan_guard]`) and Trinity's metrics. It owns the per-step state (loss statistics,
-the expert-bias balancer, the guard) and hands it to the components that use it.
+the expert-bias balancer, the guard, the skipped-document count) and hands it to the components
+that use it. A ConfigError ends the run with one `error: ...` line and exit status 2.
 """
 
 from __future__ import annotations
@@ -31,10 +33,13 @@ from torchtitan.train import main
 from trinity_titan.compat.torchtitan import (
     OwnsTrainSpec,
     checkpoint_folder,
+    exit_on_config_error,
     save_full_checkpoint,
     set_command_line,
 )
+from trinity_titan.data.loader import build_data_dataloader
 from trinity_titan.data.ramp import BatchRamp
+from trinity_titan.data.skip_count import SkippedDocuments
 from trinity_titan.job_config import CONFIG_MODULE
 from trinity_titan.model.attention import TrinityMasks, document_ids
 from trinity_titan.model.hf_export import write_hf_metadata
@@ -46,6 +51,7 @@ from trinity_titan.training.expert_bias import ExpertBiasBalancer
 from trinity_titan.training.loss import LossStats, build_trinity_loss
 from trinity_titan.training.metrics import build_trinity_metrics_processor
 from trinity_titan.training.nan_guard import BadStep, NanGuard, drop_gradients
+from trinity_titan.training.run_start import RunStart, start_run
 
 
 class TrinityTrainer(OwnsTrainSpec):
@@ -53,8 +59,12 @@ class TrinityTrainer(OwnsTrainSpec):
 
     checked: CheckedJob
     """The job as checked before the mesh: model args, degrees and tokenizer."""
+    run_start: RunStart
+    """The output-folder lock, the resume step and the data scan."""
     loss_stats: LossStats
     balancer: ExpertBiasBalancer
+    skipped_documents: SkippedDocuments | None
+    """Bad documents skipped (with `[data] on_bad_document = "skip"`), for the metrics."""
 
     def __init__(self, job_config: JobConfig):
         self._stop_after_step: BadStep | None = None
@@ -83,11 +93,18 @@ class TrinityTrainer(OwnsTrainSpec):
     # ------------------------------------------------------------------ construction
     def init_distributed(self) -> ParallelDims:
         # The one config check, before any mesh, tokenizer, data or model is built.
-        self.checked = check_job(
-            self.job_config, int(os.environ["WORLD_SIZE"]), trinity_trainer=True
-        )
+        with exit_on_config_error():
+            self.checked = check_job(
+                self.job_config, int(os.environ["WORLD_SIZE"]), trinity_trainer=True
+            )
         self.loss_stats = LossStats(self.checked.model_args.vocab_size)
-        return super().init_distributed()
+        data = self.job_config.data
+        skips = bool(data.sources) and data.on_bad_document == "skip"
+        self.skipped_documents = SkippedDocuments() if skips else None
+        dims = super().init_distributed()
+        with exit_on_config_error():
+            self.run_start = start_run(self.job_config, self.checked.degrees)
+        return dims
 
     def own_train_spec(self, registered: TrainSpec) -> TrainSpec:
         """The registered spec with builders that use this trainer's checked job and state."""
@@ -95,9 +112,12 @@ class TrinityTrainer(OwnsTrainSpec):
             registered,
             model_args={self.job_config.model.flavor: self.checked.model_args},
             build_tokenizer_fn=lambda job_config: self.checked.tokenizer,
+            build_dataloader_fn=functools.partial(build_data_dataloader, report_skipped=True),
             build_loss_fn=functools.partial(build_trinity_loss, stats=self.loss_stats),
             build_metrics_processor_fn=functools.partial(
-                build_trinity_metrics_processor, loss_stats=self.loss_stats
+                build_trinity_metrics_processor,
+                loss_stats=self.loss_stats,
+                skipped_documents=self.skipped_documents,
             ),
             build_optimizers_fn=self._build_optimizers,
         )
@@ -155,6 +175,15 @@ class TrinityTrainer(OwnsTrainSpec):
         if self.nan_guard.skip(bad):
             self._stop_after_step = bad
 
+    def batch_generator(self, data_iterable):
+        """TorchTitan's batches, with the skipped-document counts taken out before the model
+        sees them; a bad document met while training ends the run with its one-line message."""
+        with exit_on_config_error(every_rank=True):
+            for input_dict, labels in super().batch_generator(data_iterable):
+                if self.skipped_documents is not None:
+                    self.skipped_documents.take(input_dict)
+                yield input_dict, labels
+
     def train_step(self, data_iterator):
         """Batch ramp: set gradient accumulation from the global tokens seen before this step.
         A stop of the NaN guard happens after the step, so the LR schedule has advanced."""
@@ -173,8 +202,8 @@ class TrinityTrainer(OwnsTrainSpec):
         super().train_step(data_iterator)
         bad, self._stop_after_step = self._stop_after_step, None
         if bad is not None:
-            save_full_checkpoint(self.checkpointer, self.step)
-            raise self.nan_guard.stop_error(bad, saved=self.checkpointer.enable)
+            saved = save_full_checkpoint(self.checkpointer, self.step)
+            raise self.nan_guard.stop_error(bad, saved=saved)
 
     def post_dataloading_process(
         self, input_dict: dict[str, torch.Tensor], labels: torch.Tensor

@@ -21,6 +21,7 @@ from torchtitan.config import Optimizer as OptimizerConfig
 from torchtitan.distributed import ParallelDims
 from torchtitan.protocols.train_spec import TrainSpec
 
+from trinity_titan.compat.torchtitan import exit_on_config_error
 from trinity_titan.data.loader import build_data_dataloader
 from trinity_titan.model import TrinityModel, trinity_flavors
 from trinity_titan.model.state_dict_adapter import TrinityStateDictAdapter
@@ -30,14 +31,20 @@ from trinity_titan.training.checks import check_job
 from trinity_titan.training.expert_bias import ExpertBiasBalancer
 from trinity_titan.training.loss import build_trinity_loss
 from trinity_titan.training.metrics import build_trinity_metrics_processor
+from trinity_titan.training.run_start import start_run
 
 TRAIN_SPEC_NAME = "trinity"
 
 
 def build_checked_tokenizer(job_config: JobConfig) -> BaseTokenizer:
-    """TorchTitan's trainer calls this first of the builders: check the job, then the tokenizer."""
+    """TorchTitan's trainer calls this first of the builders, after its process group: check the
+    job and start the run (output-folder lock, resume choice, data scan), then the tokenizer. A
+    ConfigError ends the run with one `error: ...` line and exit status 2."""
     world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ["WORLD_SIZE"])
-    return check_job(job_config, world_size, trinity_trainer=False).tokenizer
+    with exit_on_config_error():
+        checked = check_job(job_config, world_size, trinity_trainer=False)
+        start_run(job_config, checked.degrees)
+    return checked.tokenizer
 
 
 def build_optimizers_with_expert_bias(

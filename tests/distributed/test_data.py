@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 
 import pytest
@@ -66,3 +68,36 @@ global_batch_size = 4
     assert "DataLoader state is empty" not in log
     assert sorted(resumed) == [4, 5, 6]
     assert all(resumed[s] == full[s] for s in resumed), (full, resumed)
+
+
+@pytest.mark.slow
+def test_bad_documents_are_skipped_and_counted(tmp_path):
+    """on_bad_document = "skip": the scan announces the bad documents, the readers (in worker
+    processes, on 2 ranks) skip them, and data/skipped_documents counts them over the ranks."""
+    corpus = tmp_path / "web.jsonl"
+    lines = [json.dumps({"text": f"document {i} " * 30}) for i in range(40)]
+    bad = {3: {"body": "elsewhere"}, 4: {"text": "   "}, 17: {"text": None}, 30: {"text": 7}}
+    for i, doc in bad.items():
+        lines[i] = json.dumps(doc)
+    corpus.write_text("\n".join(lines) + "\n")
+    config = tmp_path / "skip.toml"
+    config.write_text(
+        DEBUG_TOML.read_text() + f'\n[data]\nmixing = "sequential"\non_bad_document = "skip"\n\n'
+        f'[[data.sources]]\npath = "{corpus}"\n'
+    )
+    args = ("--training.steps", "4", "--training.local_batch_size", "2",
+            "--training.dataloader.num_workers", "1")  # fmt: skip
+    _, log = run_train(tmp_path / "run", 2, *args, config=config, module="trinity_titan.train",
+                       timeout=300)  # fmt: skip
+    assert (
+        f"data file {corpus} ([[data.sources]] entry 0): 4 of 40 documents have no usable text "
+        "and will be skipped (on_bad_document = 'skip'): line 4 has no field 'text'; line 5 has "
+        "a blank field 'text'; line 18 has no field 'text'"
+    ) in log
+    skipped = re.findall(r"Skipped data source .* it (has .*?) \((\d+) so far\)", log)
+    assert {problem for problem, _ in skipped} >= {
+        "has no field 'text'",
+        "has a blank field 'text'",
+    }
+    counts = [int(c) for c in re.findall(r"data/skipped_documents: (\d+)", log)]
+    assert counts and counts == sorted(counts) and 0 < counts[-1] <= len(skipped)

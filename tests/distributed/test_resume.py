@@ -21,7 +21,15 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from tests.distributed.launch import DEBUG_TOML, REPO, from_seed, make_seed_checkpoint, run_train
+from tests.distributed.launch import (
+    DEBUG_TOML,
+    REPO,
+    assert_clean_failure,
+    descendants,
+    from_seed,
+    make_seed_checkpoint,
+    run_train,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -94,24 +102,10 @@ def _kill_after_step(dump, config, overrides, step: int) -> None:
             raise AssertionError(f"training ended before step {step}")
     finally:
         # torchrun starts its workers in their own sessions: kill the whole tree, workers first.
-        for pid in [*_descendants(proc.pid), proc.pid]:
+        for pid in [*descendants(proc.pid), proc.pid]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         proc.wait()
-
-
-def _descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out[::-1]
 
 
 def _tensors(step_dir) -> dict[str, torch.Tensor]:
@@ -148,3 +142,57 @@ def test_kill_and_resume_is_bitwise(tmp_path):
         assert any(part in k for k in a), part
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def _shards(step_dir: Path) -> list[Path]:
+    return sorted(step_dir.glob("*.distcp"))
+
+
+def _garble_data_position(step_dir: Path) -> None:
+    """Overwrite rank 0's saved dataloader state with zeros of the same length: every file has
+    its size, but the state fails to load."""
+    meta = dcp.FileSystemReader(str(step_dir)).read_metadata()
+    info = next(v for k, v in meta.storage_data.items() if k.fqn == "dataloader.dp_rank_0")
+    with open(step_dir / info.relative_path, "r+b") as f:
+        f.seek(info.offset)
+        f.write(b"\0" * info.length)
+
+
+def test_damaged_checkpoints_are_skipped_and_a_finished_run_extends(tmp_path):
+    """A finished run (final save model-only) with its newest full checkpoints damaged in each
+    way: the relaunch with more steps names every folder it skips, resumes from the newest
+    valid full one, and trains on bitwise like the first run. A changed layout is refused."""
+    dump = tmp_path / "run"
+    # total_steps: the LR schedule does not depend on --training.steps, so the runs compare
+    args = ("--training.steps", "6", "--lr_scheduler.total_steps", "10", "--checkpoint.enable",
+            "--checkpoint.interval", "1", "--checkpoint.keep_latest_k", "0")  # fmt: skip
+    first, log = run_train(dump, NPROC, *args, module="trinity_titan.train")
+    ckpt = dump / "checkpoint"
+    assert "Saving a model only checkpoint" in log  # TorchTitan's default final save
+    os.truncate(_shards(ckpt / "step-5")[1], 1000)
+    _shards(ckpt / "step-4")[0].unlink()
+    os.truncate(ckpt / "step-3" / ".metadata", 50)
+    _garble_data_position(ckpt / "step-2")
+
+    more = ("--training.steps", "8", *args[2:])
+    resumed, log = run_train(dump, NPROC, *more, module="trinity_titan.train")
+    skipped = next(line for line in log.splitlines() if "Checkpoints not used for resume" in line)
+    assert "step-6 holds the model only" in skipped
+    assert "step-5 is damaged: its shard __1_0.distcp is truncated (1000 of" in skipped
+    assert "step-4 is damaged: its shard __0_0.distcp is missing" in skipped
+    assert "step-3 is damaged: its .metadata is truncated or unreadable" in skipped
+    assert "step-2 is damaged: its data/train state fails to load" in skipped
+    assert "Resuming from step-1." in skipped and "checkpoint-damaged" in skipped
+    assert "Training starts at step 2" in log
+    assert sorted(resumed) == list(range(2, 9))
+    assert all(resumed[s] == first[s] for s in range(2, 7)), (first, resumed)
+    assert sorted(p.name for p in (dump / "checkpoint-damaged").iterdir()) == [
+        "step-2", "step-3", "step-4", "step-5",
+    ]  # fmt: skip
+
+    # Another data-parallel degree and worker count: refused before the model is built.
+    _, log = run_train(dump, 1, *more, "--training.dataloader.num_workers", "1",
+                       module="trinity_titan.train", check=False)  # fmt: skip
+    assert_clean_failure(log, f"cannot resume from {ckpt / 'step-7'}: the data-parallel degree")
+    assert "was 2, is 1; [training.dataloader] num_workers was 0, is 1" in log
+    assert "Building trinity" not in log

@@ -94,3 +94,19 @@ def test_document_masking_needs_an_eos_token(tmp_path):
     assert build(*args).eos_id is None
     with pytest.raises(ConfigError, match=r"has no EOS token.*--model.attn_mask_type causal"):
         build(*args, "--model.attn_mask_type", "block_causal")
+
+
+def test_an_initial_load_path_without_checkpointing_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"initial_load_path = .* checkpointing is off.*"
+                       r"--checkpoint.enable"):  # fmt: skip
+        build("--checkpoint.initial_load_path", str(tmp_path))
+    with pytest.raises(ConfigError, match=r"initial_load_path = .* is not a DCP checkpoint"):
+        build("--checkpoint.enable", "--checkpoint.initial_load_path", str(tmp_path))
+    with pytest.raises(ConfigError, match=r"is not a directory"):
+        build("--checkpoint.enable", "--checkpoint.initial_load_path", str(tmp_path / "nothing"))
+
+
+def test_a_source_folder_without_data_files(tmp_path):
+    (tmp_path / "notes.txt").write_text("not data")
+    with pytest.raises(ConfigError, match=r"folder .* holds no .arrow/.json/.jsonl/.parquet file"):
+        build("--data.sources", "path", str(tmp_path))

@@ -16,6 +16,12 @@
   torchtitan.config is imported, so `torchtitan.train.main` parses the command line as it was
   then, and a launcher that adds arguments (`python -m trinity_titan.train` adds Trinity's
   config module) must set that default instead of sys.argv.
+  save, which may be model-only); a run that must stop now needs a full, resumable save, finished
+  before the process exits (an async save would be cut short).
+- `exit_on_config_error`: `Trainer.__init__` and `Trainer.train` are wrapped in torch elastic's
+  `@record`, which writes any exception with its traceback into the error file that torchrun
+  prints. A ConfigError is the user's to fix, not a crash: it becomes one `error: ...` line and
+  exit status 2 (SystemExit passes `@record` and TorchTitan's `main` untouched).
 """
 
 from __future__ import annotations
@@ -23,6 +29,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+import os
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from torchtitan.components.checkpoint import CheckpointManager
 from torchtitan.components.metrics import (
@@ -34,6 +45,15 @@ from torchtitan.components.metrics import (
 from torchtitan.config import ConfigManager
 from torchtitan.protocols.train_spec import TrainSpec
 from torchtitan.train import Trainer
+
+from trinity_titan.job_config import ConfigError
+
+CONFIG_ERROR_EXIT = 2
+"""Exit status of a run stopped by a ConfigError (argparse's status for bad arguments)."""
+
+_RANK0_GRACE_S = 10.0
+"""How long the other ranks wait for rank 0 to print an error they all raise: torchrun ends
+every worker as soon as one exits, which could be before rank 0 has printed the message."""
 
 
 class OwnsTrainSpec(Trainer):
@@ -52,14 +72,16 @@ class OwnsTrainSpec(Trainer):
         return registered
 
 
-def save_full_checkpoint(checkpointer: CheckpointManager, step: int) -> None:
-    """A full, resumable checkpoint of `step` now (no-op when checkpointing is off)."""
-    if not checkpointer.enable:
-        return
+def save_full_checkpoint(checkpointer: CheckpointManager, step: int) -> bool:
+    """A full, resumable checkpoint of `step` now, on disk when this returns; False when nothing
+    was saved (checkpointing off, or `checkpoint.load_only`)."""
+    if not checkpointer.enable or checkpointer.load_only:
+        return False
     interval = checkpointer.interval
     checkpointer.interval = 1
     try:
         checkpointer.save(step)
+        checkpointer._async_wait()  # 0.2.2 has no public wait for an async save
     finally:
         checkpointer.interval = interval
 
@@ -93,3 +115,30 @@ def metric_backends(container: BaseLogger) -> MetricBackends:
 def set_wandb_tags(run: Any, tags: list[str]) -> None:
     """Give the wandb run `tags` (see the module docstring)."""
     run.tags = tuple(tags)
+    return True
+
+
+def _one_line(error: ConfigError) -> str:
+    """The message of `error`; an error re-raised from a dataloader worker process carries the
+    worker's traceback in its message, whose last line is the original message."""
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
+@contextmanager
+def exit_on_config_error(every_rank: bool = False) -> Iterator[None]:
+    """Turn a ConfigError into `error: <message>` on stderr and exit status 2, without a
+    traceback. The line is printed by rank 0 (all ranks raise the same checks' errors), or by
+    every rank that raises it with `every_rank` (an error only some ranks meet)."""
+    try:
+        yield
+    except ConfigError as e:
+        if every_rank or int(os.environ.get("RANK", "0")) == 0:
+            sys.stderr.write(f"error: {_one_line(e)}\n")
+            sys.stderr.flush()
+        else:
+            time.sleep(_RANK0_GRACE_S)  # torchrun ends this rank as soon as rank 0 exits
+        raise SystemExit(CONFIG_ERROR_EXIT) from None

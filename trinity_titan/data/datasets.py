@@ -9,6 +9,8 @@ from torchtitan.hf_datasets import DatasetConfig
 from torchtitan.hf_datasets.text_datasets import DATASETS
 
 DEBUG_ASSETS = Path(__file__).resolve().parents[1] / "assets" / "debug"
+TRINITY_DATASETS = {"trinity_debug": "corpus.jsonl", "trinity_debug_validation": "validation.jsonl"}
+"""Trinity's registered datasets and their files in the debug assets (JSON lines, field "text")."""
 
 
 def _load_jsonl(path: str):
@@ -21,10 +23,7 @@ def _text(sample: dict) -> str:
 
 def register_datasets() -> None:
     """`trinity_debug` / `trinity_debug_validation`: the offline corpus shipped with the package."""
-    for name, file in (
-        ("trinity_debug", "corpus.jsonl"),
-        ("trinity_debug_validation", "validation.jsonl"),
-    ):
+    for name, file in TRINITY_DATASETS.items():
         DATASETS.setdefault(
             name,
             DatasetConfig(

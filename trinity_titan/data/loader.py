@@ -9,6 +9,10 @@ StatefulDataLoader) checkpoints each worker's state: sources' file positions and
 mixture RNG, the RSDB buffer with its read heads and RNG, and the tokens emitted (the phase).
 
 Without sources the DP-invariant debug loader (data/debug_loader.py) is used unchanged.
+
+With `[data] on_bad_document = "skip"` and `report_skipped` (Trinity's trainer), every sample also
+carries its worker's count of skipped documents (`SKIPPED_KEY`, see data/skip_count.py), which the
+trainer takes out of the batch before the model sees it.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from trinity_titan.data.debug_loader import build_debug_dataloader
 from trinity_titan.data.mixture import Mixture, PhaseSchedule
 from trinity_titan.data.packing import SequentialPacker
 from trinity_titan.data.rsdb import RSDB
+from trinity_titan.data.skip_count import SKIPPED_KEY
 from trinity_titan.data.sources import HFDocumentSource, SourceSpec
 from trinity_titan.job_config import ConfigError
 
@@ -45,6 +50,7 @@ class PackedDocumentStream(IterableDataset, Stateful):
         seed: int = 0,
         dp_rank: int = 0,
         dp_world_size: int = 1,
+        report_skipped: bool = False,
     ):
         self.make_sources = make_sources
         self.schedule = schedule
@@ -54,6 +60,8 @@ class PackedDocumentStream(IterableDataset, Stateful):
         self.seed = seed
         self.dp_rank = dp_rank
         self.dp_world_size = dp_world_size
+        self.report_skipped = report_skipped
+        self.worker = 0
         self.tokens = 0  # training tokens this shard emitted
         self.mixture: Mixture | None = None
         self.packer: RSDB | SequentialPacker | None = None
@@ -62,6 +70,7 @@ class PackedDocumentStream(IterableDataset, Stateful):
     def _build(self) -> None:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        self.worker = worker
         shard, self.num_shards = self.dp_rank * workers + worker, self.dp_world_size * workers
         self.mixture = Mixture(
             self.make_sources(shard, self.num_shards),
@@ -102,7 +111,11 @@ class PackedDocumentStream(IterableDataset, Stateful):
                 return
             self.tokens += self.seq_len
             row = torch.from_numpy(row.astype("int64"))
-            yield {"input": row[:-1]}, row[1:]
+            inputs = {"input": row[:-1]}
+            if self.report_skipped:
+                skipped = sum(s.skipped for s in self.mixture.sources)
+                inputs[SKIPPED_KEY] = torch.tensor([self.worker, skipped])
+            yield inputs, row[1:]
 
     def state_dict(self) -> dict[str, Any]:
         if self.packer is None:
@@ -133,8 +146,10 @@ def build_data_dataloader(
     tokenizer: BaseTokenizer,
     job_config: JobConfig,
     infinite: bool = True,
+    report_skipped: bool = False,
 ) -> ParallelAwareDataloader:
-    """The TrainSpec's build_dataloader_fn: the [data] pipeline, or the debug loader without it."""
+    """The TrainSpec's build_dataloader_fn: the [data] pipeline, or the debug loader without it.
+    `report_skipped`: the trainer takes skipped-document counts out of each batch."""
     data, training = job_config.data, job_config.training
     if not data.sources:
         return build_debug_dataloader(dp_world_size, dp_rank, tokenizer, job_config, infinite)
@@ -142,8 +157,10 @@ def build_data_dataloader(
     specs = [SourceSpec.from_dict(d) for d in data.sources]
     loop = infinite and data.infinite
 
+    skip_bad = data.on_bad_document == "skip"
+
     def make_sources(shard: int, num_shards: int):
-        return [HFDocumentSource(s, tokenizer, shard, num_shards, loop) for s in specs]
+        return [HFDocumentSource(s, tokenizer, shard, num_shards, loop, skip_bad) for s in specs]
 
     stream = PackedDocumentStream(
         make_sources,
@@ -154,6 +171,7 @@ def build_data_dataloader(
         seed=data.seed,
         dp_rank=dp_rank,
         dp_world_size=dp_world_size,
+        report_skipped=report_skipped and skip_bad,
     )
     return ParallelAwareDataloader(
         stream,

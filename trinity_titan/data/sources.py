@@ -1,6 +1,12 @@
 """Document sources: HF datasets (local jsonl/parquet/arrow files or hub names), streamed,
 sharded, tokenized on the fly, resumable.
 
+Every document is checked as it is read (a usable text field, see data/validate.py): a bad one is
+a `BadDocumentError` naming the source and its position, or, with `[data] on_bad_document =
+"skip"`, skipped and counted (`skipped`, kept in the state, so a resumed run counts on). Local
+files are normally scanned before training, so the reader meets bad documents only from hub
+sources or with `[data] validate` off.
+
 Each (data-parallel rank, dataloader worker) pair reads a disjoint shard: whole files when the
 dataset has a multiple of `num_shards` files, else every `num_shards`-th example (HF's
 `split_dataset_by_node`). Iteration goes through `IterableDataset.iter`, which, unlike `__iter__`,
@@ -10,7 +16,6 @@ and offset), so resuming does not re-read what was consumed.
 
 from __future__ import annotations
 
-import glob
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -19,10 +24,13 @@ import numpy as np
 from datasets import IterableDataset, load_dataset
 from datasets.distributed import split_dataset_by_node
 from torchtitan.components.tokenizer import BaseTokenizer
+from torchtitan.tools.logging import logger
 
+from trinity_titan.data.validate import FORMATS, BadDocumentError, document_problem, local_files
 from trinity_titan.job_config import ConfigError
 
-_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
+_LOGGED_SKIPS = 10
+"""Skipped documents each reader names in a WARNING; after that every 1000th."""
 
 
 @dataclass
@@ -55,32 +63,24 @@ class SourceSpec:
         )
 
 
-def _local_files(path: str) -> list[str]:
-    if os.path.isdir(path):
-        files = sorted(
-            os.path.join(path, f) for f in os.listdir(path) if os.path.splitext(f)[1] in _FORMATS
-        )
-        if any(not f.endswith(".json") for f in files):  # save_to_disk dirs: .json is metadata
-            files = [f for f in files if not f.endswith(".json")]
-    else:
-        files = sorted(glob.glob(path))
-    return files
-
-
 def open_dataset(spec: SourceSpec) -> IterableDataset:
     """A streaming HF dataset for `spec`: local files by extension, else a hub name."""
-    files = _local_files(spec.path)
+    files = local_files(spec.path)
     if files:
-        kinds = {_FORMATS.get(os.path.splitext(f)[1]) for f in files}
+        kinds = {FORMATS.get(os.path.splitext(f)[1]) for f in files}
         if len(kinds) != 1 or None in kinds:
-            raise ValueError(f"{spec.path}: expected files of one of {sorted(_FORMATS)}")
+            raise ConfigError(
+                f"[[data.sources]] path = {spec.path!r} matches files of several or unknown "
+                f"formats. Fix: point it at files of one of {', '.join(sorted(FORMATS))}."
+            )
         return load_dataset(kinds.pop(), data_files=files, split=spec.split, streaming=True)
     return load_dataset(spec.path, spec.name, split=spec.split, streaming=True)
 
 
 class HFDocumentSource:
     """Tokenized documents (BOS ... EOS) of one shard of one HF dataset; restarts each epoch if
-    `infinite` (HF reshuffles the file order per epoch, deterministically)."""
+    `infinite` (HF reshuffles the file order per epoch, deterministically). `skip_bad`: skip and
+    count documents without a usable text instead of raising BadDocumentError."""
 
     def __init__(
         self,
@@ -89,10 +89,13 @@ class HFDocumentSource:
         shard_index: int,
         num_shards: int,
         infinite: bool,
+        skip_bad: bool = False,
     ):
         self.spec = spec
         self.tokenizer = tokenizer
         self.infinite = infinite
+        self.skip_bad = skip_bad
+        self.shard = f"shard {shard_index + 1} of {num_shards}"
         ds = open_dataset(spec)
         if num_shards > 1:
             ds = split_dataset_by_node(ds, rank=shard_index, world_size=num_shards)
@@ -100,6 +103,10 @@ class HFDocumentSource:
         self._it = None
         self._pending: dict[str, Any] | None = None
         self.epoch = 0
+        self.position = 0
+        """Documents of this shard read in this epoch."""
+        self.skipped = 0
+        """Documents skipped so far (all epochs)."""
 
     def _start(self) -> None:
         self.ds.set_epoch(self.epoch)
@@ -108,25 +115,66 @@ class HFDocumentSource:
             self._pending = None
         self._it = self.ds.iter(batch_size=1)
 
+    def _where(self) -> str:
+        return (
+            f"data source {self.spec.path!r} ({self.shard}, epoch {self.epoch}): document "
+            f"{self.position}"
+        )
+
     def next(self) -> np.ndarray:
-        for _ in range(2):  # at most one epoch restart per document
+        restarted = usable = False
+        while True:
             if self._it is None:
                 self._start()
             try:
-                text = next(self._it)[self.spec.text_field][0]
+                row = next(self._it)
             except StopIteration:
                 if not self.infinite:
                     raise
-                self.epoch, self._it = self.epoch + 1, None
+                if restarted and not usable:
+                    raise RuntimeError(
+                        f"data source {self.spec.path} has no usable documents in its {self.shard}"
+                    ) from None
+                self.epoch, self.position, self._it, restarted = self.epoch + 1, 0, None, True
                 continue
-            return np.asarray(self.tokenizer.encode(text, add_bos=True, add_eos=True), np.int32)
-        raise RuntimeError(f"data source {self.spec.path} has no documents in this shard")
+            except Exception as e:  # noqa: BLE001 - the HF/Arrow reader's own errors
+                self.position += 1
+                raise BadDocumentError(
+                    f"{self._where()} cannot be read ({type(e).__name__}: {e}). Fix: repair "
+                    'the source, or check it before training with [data] validate = "full" '
+                    "(local files)."
+                ) from None
+            self.position += 1
+            doc = {k: v[0] for k, v in row.items()}
+            problem = document_problem(doc, self.spec.text_field)
+            if problem is None:
+                usable = True
+                return self._encode(doc[self.spec.text_field])
+            if not self.skip_bad:
+                raise BadDocumentError(
+                    f"{self._where()} {problem}. Fix: point text_field at the field that holds "
+                    'the text, or set [data] on_bad_document = "skip".'
+                )
+            self.skipped += 1
+            if self.skipped <= _LOGGED_SKIPS or self.skipped % 1000 == 0:
+                logger.warning(f"Skipped {self._where()}: it {problem} ({self.skipped} so far)")
+
+    def _encode(self, text: str) -> np.ndarray:
+        try:
+            ids = self.tokenizer.encode(text, add_bos=True, add_eos=True)
+        except Exception as e:  # noqa: BLE001 - name the document, not only the tokenizer
+            raise BadDocumentError(
+                f"{self._where()} cannot be tokenized ({type(e).__name__}: {e})"
+            ) from None
+        return np.asarray(ids, np.int32)
 
     def state_dict(self) -> dict[str, Any]:
         hf = self._pending if self._it is None else self.ds.state_dict()
-        return {"epoch": self.epoch, "hf": hf}
+        return {"epoch": self.epoch, "hf": hf, "position": self.position, "skipped": self.skipped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch = int(state["epoch"])
         self._pending = state["hf"]
         self._it = None
+        self.position = int(state.get("position", 0))  # absent in checkpoints before it
+        self.skipped = int(state.get("skipped", 0))

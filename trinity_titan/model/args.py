@@ -52,7 +52,8 @@ class TrinityModelArgs(BaseModelArgs):
     """Length of the RoPE cache; set from training.seq_len."""
     context_len: int = 131072
     """The model's context length, HF `max_position_embeddings`: what an export's config.json
-    says the model handles, independent of the (shorter) training sequences."""
+    says the model handles, and the longest training.seq_len the job check allows (the training
+    sequences are usually shorter)."""
 
     # MoE
     num_experts: int = 128

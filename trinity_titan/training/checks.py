@@ -4,6 +4,8 @@
 TrainSpec's tokenizer builder calls it under TorchTitan's trainer (its first call into Trinity with
 the config; TorchTitan has checked its own degrees by then), and the planner calls it without the
 file checks. Every failure is one `ConfigError` whose message names the option or file and the fix.
+What needs the process group or the output folders (the run lock, the resume choice, the data
+scan) follows in training/run_start.py.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ from trinity_titan import job_config as trinity_config
 from trinity_titan.data.loader import schedule_from_config
 from trinity_titan.data.ramp import BatchRamp
 from trinity_titan.data.sources import SourceSpec
+from trinity_titan.data.validate import FORMATS, local_files
 from trinity_titan.job_config import CONFIG_MODULE, ConfigError
 from trinity_titan.kernels.backend import resolve_backend
 from trinity_titan.model.args import TrinityModelArgs
 from trinity_titan.model.flavors import FLAVOR_ASSETS, trinity_flavors
 from trinity_titan.parallel.degrees import Degrees, check_layout
+from trinity_titan.training.option_ranges import check_model_limits, check_option_ranges
 
 TRINITY_TRAINER = "python -m trinity_titan.train"
 
@@ -51,14 +55,18 @@ def check_job(
     """
     check_sections(job_config)
     args = model_args(job_config)
+    check_option_ranges(job_config)
+    check_model_limits(job_config, args)
     degrees = check_layout(args, job_config.parallelism, job_config.training.seq_len, world_size)
     check_trainer_features(job_config, args, trinity_trainer)
     ramp = BatchRamp.from_job_config(job_config, degrees.dp_replicate * degrees.dp_shard)
     ramp.validate(job_config.training.local_batch_size, degrees.dp_replicate * degrees.dp_shard)
     tokenizer = None
     check_data_config(job_config)
+    check_checkpoint_options(job_config)
     if files:
         check_paths(job_config)
+        check_initial_load_path(job_config)
         check_data_sources(job_config)
         tokenizer = build_hf_tokenizer(job_config)
         check_vocab(tokenizer, args, job_config)
@@ -166,6 +174,51 @@ def check_data_config(job_config: JobConfig) -> None:
         schedule_from_config(specs, data.phases).check_sources(len(specs))
 
 
+def check_checkpoint_options(job_config: JobConfig) -> None:
+    """Checkpoint options that TorchTitan would silently ignore."""
+    checkpoint = job_config.checkpoint
+    if checkpoint.initial_load_path and not checkpoint.enable:
+        raise ConfigError(
+            f"[checkpoint] initial_load_path = {checkpoint.initial_load_path!r} is set, but "
+            "checkpointing is off (checkpoint.enable = false), so TorchTitan would ignore it and "
+            "train from random weights. Fix: add --checkpoint.enable (the run then also saves "
+            "every checkpoint.interval steps), or drop --checkpoint.initial_load_path."
+        )
+
+
+def check_initial_load_path(job_config: JobConfig) -> None:
+    """The initial checkpoint must be a checkpoint folder (DCP, or HF with initial_load_in_hf)."""
+    checkpoint = job_config.checkpoint
+    path = checkpoint.initial_load_path
+    if not path or not checkpoint.enable:
+        return
+    folder = Path(path).expanduser()
+    marker = "model.safetensors.index.json" if checkpoint.initial_load_in_hf else ".metadata"
+    if not folder.is_dir():
+        raise ConfigError(
+            f"[checkpoint] initial_load_path = {path!r} is not a directory. Fix: point it at a "
+            "checkpoint step folder (e.g. outputs/run/checkpoint/step-1000)."
+        )
+    if not (folder / marker).is_file() and not (
+        checkpoint.initial_load_in_hf and any(folder.glob("*.safetensors"))
+    ):
+        kind = (
+            "an HF checkpoint (safetensors)"
+            if checkpoint.initial_load_in_hf
+            else "a DCP checkpoint"
+        )
+        raise ConfigError(
+            f"[checkpoint] initial_load_path = {path!r} is not {kind}: it has no {marker}. Fix: "
+            "point it at a step folder"
+            + (
+                ""
+                if checkpoint.initial_load_in_hf
+                else ", or add --checkpoint.initial_load_in_hf for HF weights"
+            )
+            + "."
+        )
+
+
 def check_data_sources(job_config: JobConfig) -> None:
     """Every local `[[data.sources]]` path (file, folder or glob) must match something."""
     for i, source in enumerate(job_config.data.sources):
@@ -179,6 +232,11 @@ def check_data_sources(job_config: JobConfig) -> None:
             raise ConfigError(
                 f"[[data.sources]] entry {i}: path = {path!r} matches no file. Fix: correct the "
                 "path (a jsonl/parquet/arrow file, a folder of them, or a glob)."
+            )
+        if os.path.isdir(os.path.expanduser(path)) and not local_files(path):
+            raise ConfigError(
+                f"[[data.sources]] entry {i}: folder {path!r} holds no "
+                f"{'/'.join(sorted(FORMATS))} file. Fix: point path at the data files."
             )
 
 

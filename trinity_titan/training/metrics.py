@@ -3,7 +3,8 @@
 On every log step, next to TorchTitan's own metrics, to every backend:
   loss/ce, loss/z_loss, loss/batch_het, logits/max, logits/mean, logits/lse_sq_mean (from the loss
   statistics), loss/balance, moe/maxvio_worst, moe/load_frac_min, moe/load_frac_max,
-  moe/dead_experts, moe/bias_min, moe/bias_max (from the expert-bias balancer).
+  moe/dead_experts, moe/bias_min, moe/bias_max (from the expert-bias balancer),
+  data/skipped_documents (with `[data] on_bad_document = "skip"`: bad documents skipped so far).
 Per MoE layer, laid out for each backend so that one panel shows every layer:
   - TensorBoard: scalars moe/maxvio/layer_{i} and moe/dead_experts/layer_{i}, drawn together by a
     custom-scalars layout ("MoE by layer"), and a histogram moe/expert_load/layer_{i} of
@@ -37,11 +38,19 @@ from torchtitan.distributed import ParallelDims
 from torchtitan.tools.logging import logger
 
 from trinity_titan.compat.torchtitan import metric_backends, set_wandb_tags
+from trinity_titan.data.skip_count import SkippedDocuments
 from trinity_titan.model.args import TrinityModelArgs
 from trinity_titan.training.expert_bias import ExpertBiasBalancer, RouterStats
 from trinity_titan.training.loss import LossStats
 
-_STDOUT = ("loss/ce", "loss/z_loss", "loss/balance", "logits/max", "moe/maxvio_worst")
+_STDOUT = (
+    "loss/ce",
+    "loss/z_loss",
+    "loss/balance",
+    "logits/max",
+    "moe/maxvio_worst",
+    "data/skipped_documents",
+)
 """The health metrics also printed on the console, after TorchTitan's step line."""
 
 _PER_LAYER = ("moe/maxvio/layer_",)
@@ -145,9 +154,11 @@ class TrinityMetricsProcessor(MetricsProcessor):
         tag: str | None = None,
         loss_stats: LossStats | None = None,
         model_args: Any = None,
+        skipped_documents: SkippedDocuments | None = None,
     ) -> None:
         super().__init__(job_config, parallel_dims, tag)
         self.loss_stats = loss_stats
+        self.skipped_documents = skipped_documents
         self.balancer: ExpertBiasBalancer | None = None
         self.backends = metric_backends(self.logger)
         self.alerts = AlertLimiter(job_config.wandb.alert_min_interval_s)
@@ -195,6 +206,8 @@ class TrinityMetricsProcessor(MetricsProcessor):
         stats = self.balancer.layer_stats() if self.balancer is not None else None
         if self.balancer is not None:
             metrics.update(self.balancer.metrics())
+        if self.skipped_documents is not None:
+            metrics["data/skipped_documents"] = self.skipped_total()
         summary = self.check_health(step, metrics)
         common = {k: v for k, v in metrics.items() if not k.startswith(_PER_LAYER)}
         super().log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=common)
@@ -267,6 +280,16 @@ class TrinityMetricsProcessor(MetricsProcessor):
             "logits/lse_sq_mean": z / n,
         }
 
+    def skipped_total(self) -> int:
+        """Skipped documents over the data-parallel ranks (the ranks of one data-parallel
+        group read the same documents)."""
+        count = torch.tensor(float(self.skipped_documents.total), dtype=torch.float64)
+        mesh = self.parallel_dims.get_optional_mesh("batch")
+        if mesh is not None:
+            count = count.to(mesh.device_type)
+            dist.all_reduce(count, group=mesh.get_group())
+        return int(count.item())
+
     def check_health(self, step: int, metrics: dict[str, Any]) -> str | None:
         """One WARNING line that sums up this step's [health] crossings; returns it (or None)."""
         health = self.job_config.health
@@ -315,6 +338,7 @@ def build_trinity_metrics_processor(
     model_args: Any = None,
     tag: str | None = None,
     loss_stats: LossStats | None = None,
+    skipped_documents: SkippedDocuments | None = None,
 ) -> TrinityMetricsProcessor:
     """The metrics processor of the Trinity TrainSpec. wandb runs offline without an API key, and
     takes its project, name, group, tags and notes from `[wandb]` where no variable sets them."""
@@ -328,4 +352,6 @@ def build_trinity_metrics_processor(
             "Trinity's loss, logit and router metrics and [health] warnings are logged by "
             "`-m trinity_titan.train`; TorchTitan's trainer logs its own metrics only"
         )
-    return TrinityMetricsProcessor(job_config, parallel_dims, tag, loss_stats, model_args)
+    return TrinityMetricsProcessor(
+        job_config, parallel_dims, tag, loss_stats, model_args, skipped_documents
+    )

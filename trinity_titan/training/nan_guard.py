@@ -75,13 +75,17 @@ class NanGuard:
 
         def guarded(pred: Any, labels: torch.Tensor) -> torch.Tensor:
             loss = loss_fn(pred, labels)
-            if self.config.inject_nan_at_step == self.current_step() and _rank() == 0:
+            if self._inject_now() and _rank() == 0:
                 loss = loss * float("nan")  # testing aid: a NaN on one rank only
             ok = torch.isfinite(loss.detach()).all()
             self._loss_finite = ok if self._loss_finite is None else ok & self._loss_finite
             return loss
 
         return guarded
+
+    def _inject_now(self) -> bool:
+        first = self.config.inject_nan_at_step
+        return 0 < first <= self.current_step() < first + self.config.inject_nan_steps
 
     def check_step(self) -> BadStep | None:
         """One all-reduce (MAX) of [any local loss term bad, any local gradient bad]."""
