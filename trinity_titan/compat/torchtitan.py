@@ -6,7 +6,8 @@
   own, whose builders are bound to the trainer, so the components they build share its state by
   reference instead of through module globals.
 - `save_full_checkpoint`: 0.2.2's CheckpointManager saves only on its interval (or a last-step
-  save, which may be model-only); a run that must stop now needs a full, resumable save.
+  save, which may be model-only); a run that must stop now needs a full, resumable save, finished
+  before the process exits (an async save would be cut short).
 - `checkpoint_folder`: where CheckpointManager saved a step (its naming is private).
 - `metric_backends`: MetricsProcessor keeps its TensorBoard and wandb loggers in a private list;
   per-backend logging (histograms, charts, text) needs each one.
@@ -16,8 +17,6 @@
   torchtitan.config is imported, so `torchtitan.train.main` parses the command line as it was
   then, and a launcher that adds arguments (`python -m trinity_titan.train` adds Trinity's
   config module) must set that default instead of sys.argv.
-  save, which may be model-only); a run that must stop now needs a full, resumable save, finished
-  before the process exits (an async save would be cut short).
 - `exit_on_config_error`: `Trainer.__init__` and `Trainer.train` are wrapped in torch elastic's
   `@record`, which writes any exception with its traceback into the error file that torchrun
   prints. A ConfigError is the user's to fix, not a crash: it becomes one `error: ...` line and
@@ -84,6 +83,7 @@ def save_full_checkpoint(checkpointer: CheckpointManager, step: int) -> bool:
         checkpointer._async_wait()  # 0.2.2 has no public wait for an async save
     finally:
         checkpointer.interval = interval
+    return True
 
 
 def checkpoint_folder(checkpointer: CheckpointManager, step: int) -> Path:
@@ -115,7 +115,6 @@ def metric_backends(container: BaseLogger) -> MetricBackends:
 def set_wandb_tags(run: Any, tags: list[str]) -> None:
     """Give the wandb run `tags` (see the module docstring)."""
     run.tags = tuple(tags)
-    return True
 
 
 def _one_line(error: ConfigError) -> str:
