@@ -208,10 +208,24 @@ class Data:
     infinite: bool = True
     """Restart a source at its end (new epoch); false ends training when the data run out."""
 
-    snapshot_every_n_batches: int = 64
-    """With worker processes, each worker's state (for RSDB the whole buffer, ~20 MiB at 4096
-    documents) is sent to the main process every N batches; a resume regenerates up to N-1
-    batches from the last snapshot, with identical results."""
+    snapshot_every_n_batches: int = 1
+    """With worker processes, each worker's state (a few bytes per buffered document: its
+    address and read head) is sent to the main process every N batches. With N > 1 a resume
+    regenerates up to N-1 batches from the last snapshot (identical on the saved layout), and the
+    position cannot be resharded to another layout."""
+
+    jsonl_block_bytes: int = 4 * 1024 * 1024
+    """Local JSON-lines files are read in blocks of about this many bytes: the unit the readers
+    share and a reshard redistributes. A source needs at least one block per reader
+    (data-parallel ranks x workers). Changing it makes saved data positions unusable."""
+
+    table_block_rows: int = 1024
+    """Rows per block of local parquet (within a row group) and arrow files; as above."""
+
+    trace_rows: bool = False
+    """Write which tokens of which document every trained row holds to
+    `<dump_folder>/row_trace/rank<R>.jsonl` (one line per row: step and pieces). Needs
+    `python -m trinity_titan.train`."""
 
     batch_ramp: list[dict[str, int]] = field(default_factory=list)
     """Global-batch ramp: {tokens = threshold in training tokens, global_batch_size = sequences}.
@@ -230,8 +244,7 @@ class Data:
     on_bad_document: Literal["error", "skip"] = "error"
     """A document without its text field, with a non-string or blank text: 'error' stops (before
     training when the scan finds it, naming the file and line or row); 'skip' skips and counts it
-    (`data/skipped_documents`). Lines that are not JSON or not UTF-8 are an error either way:
-    HF's JSON reader fails on the whole file."""
+    (`data/skipped_documents`). Lines that are not JSON or not UTF-8 are an error either way."""
 
 
 @dataclass

@@ -51,6 +51,7 @@ from trinity_titan.training.expert_bias import ExpertBiasBalancer
 from trinity_titan.training.loss import LossStats, build_trinity_loss
 from trinity_titan.training.metrics import build_trinity_metrics_processor
 from trinity_titan.training.nan_guard import BadStep, NanGuard, drop_gradients
+from trinity_titan.training.row_trace import RowTrace
 from trinity_titan.training.run_start import RunStart, start_run
 
 
@@ -65,9 +66,13 @@ class TrinityTrainer(OwnsTrainSpec):
     balancer: ExpertBiasBalancer
     skipped_documents: SkippedDocuments | None
     """Bad documents skipped (with `[data] on_bad_document = "skip"`), for the metrics."""
+    row_trace: RowTrace | None
+    """Where the trained rows' document pieces go (`[data] trace_rows`)."""
 
     def __init__(self, job_config: JobConfig):
         self._stop_after_step: BadStep | None = None
+        self._global_tokens_base = (0, 0)
+        """(global tokens, this rank's ntokens_seen) at the loaded checkpoint."""
         super().__init__(job_config)
         self.metrics_processor.watch_experts(self.balancer)
         dims = self.parallel_dims
@@ -101,6 +106,9 @@ class TrinityTrainer(OwnsTrainSpec):
         data = self.job_config.data
         skips = bool(data.sources) and data.on_bad_document == "skip"
         self.skipped_documents = SkippedDocuments() if skips else None
+        traced = bool(data.sources) and data.trace_rows
+        rank = int(os.environ.get("RANK", "0"))
+        self.row_trace = RowTrace(self.job_config.job.dump_folder, rank) if traced else None
         dims = super().init_distributed()
         with exit_on_config_error():
             self.run_start = start_run(self.job_config, self.checked.degrees)
@@ -112,7 +120,9 @@ class TrinityTrainer(OwnsTrainSpec):
             registered,
             model_args={self.job_config.model.flavor: self.checked.model_args},
             build_tokenizer_fn=lambda job_config: self.checked.tokenizer,
-            build_dataloader_fn=functools.partial(build_data_dataloader, report_skipped=True),
+            build_dataloader_fn=functools.partial(
+                build_data_dataloader, report_skipped=True, trace_rows=True
+            ),
             build_loss_fn=functools.partial(build_trinity_loss, stats=self.loss_stats),
             build_metrics_processor_fn=functools.partial(
                 build_trinity_metrics_processor,
@@ -138,9 +148,29 @@ class TrinityTrainer(OwnsTrainSpec):
 
     # ------------------------------------------------------------------ the run
     def train(self) -> None:
-        """TorchTitan's loop, then the HF export's config and tokenizer next to its weights."""
-        super().train()
+        """TorchTitan's loop (its first act is the checkpoint load; a checkpoint of another
+        layout has the dataloader load every saved rank's data position), then the HF export's
+        config and tokenizer next to its weights."""
+        if self.run_start.reshard_keys is not None:
+            self.dataloader.expect_resume(self.run_start.reshard_keys)
+        with exit_on_config_error(every_rank=True):
+            super().train()
         self._complete_hf_export()
+
+    def state_dict(self) -> dict[str, Any]:
+        """TorchTitan's train state plus the global token count, which, unlike TorchTitan's
+        per-rank `ntokens_seen`, stays right across a change of the data-parallel degree."""
+        return {**super().state_dict(), "global_tokens_seen": self.global_tokens_seen}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._global_tokens_base = (int(state_dict["global_tokens_seen"]), self.ntokens_seen)
+
+    @property
+    def global_tokens_seen(self) -> int:
+        """Training tokens of all data-parallel ranks before the current step."""
+        tokens, ntokens = self._global_tokens_base
+        return tokens + (self.ntokens_seen - ntokens) * self._batch_degree
 
     def _complete_hf_export(self) -> None:
         """`--checkpoint.last_save_in_hf` has TorchTitan write the last step's weights only (via
@@ -182,13 +212,15 @@ class TrinityTrainer(OwnsTrainSpec):
             for input_dict, labels in super().batch_generator(data_iterable):
                 if self.skipped_documents is not None:
                     self.skipped_documents.take(input_dict)
+                if self.row_trace is not None:
+                    self.row_trace.take(input_dict, self.step)
                 yield input_dict, labels
 
     def train_step(self, data_iterator):
         """Batch ramp: set gradient accumulation from the global tokens seen before this step.
         A stop of the NaN guard happens after the step, so the LR schedule has advanced."""
         if self.batch_ramp.thresholds:
-            tokens = self.ntokens_seen * self._batch_degree  # checkpointed by the Trainer
+            tokens = self.global_tokens_seen
             accum = self.batch_ramp.grad_accum_at(
                 tokens, self.job_config.training.local_batch_size, self._batch_degree
             )

@@ -10,7 +10,7 @@ from tests.fixtures import REPO, debug_job_config, debug_tokenizer, job_config_f
 from trinity_titan.data.loader import PackedDocumentStream, build_data_dataloader
 from trinity_titan.data.mixture import PhaseSchedule
 from trinity_titan.data.ramp import BatchRamp
-from trinity_titan.data.sources import HFDocumentSource, SourceSpec
+from trinity_titan.data.sources import LocalDocumentSource, SourceSpec, local_corpus
 from trinity_titan.job_config import ConfigError
 from trinity_titan.training.checks import check_job
 
@@ -21,9 +21,9 @@ class Constant:
     def __init__(self, token: int, length: int):
         self.token, self.length, self.n = token, length, 0
 
-    def next(self) -> np.ndarray:
+    def next(self) -> tuple[np.ndarray, None]:
         self.n += 1
-        return np.full(self.length, self.token, dtype=np.int32)
+        return np.full(self.length, self.token, dtype=np.int32), None
 
     def state_dict(self):
         return {"n": self.n}
@@ -79,11 +79,16 @@ def test_local_sources_shard_disjointly_and_cover_everything(tmp_path):
         (SourceSpec(path=parquet, text_field="content"), 30),
         (SourceSpec(path=arrow), 10),
     ):
-        whole = _drain(HFDocumentSource(spec, tok, 0, 1, infinite=False))
+        corpus = local_corpus(spec, jsonl_block_bytes=256, table_block_rows=2)
+        assert len(corpus) >= 5
+        whole = _drain(LocalDocumentSource(spec, corpus, tok, 0, 1, infinite=False))
         assert len(whole) == n_docs
         assert all(d[0] == tok.bos_id and d[-1] == tok.eos_id for d in whole)
         for shards in (3, 4):  # shard = DP rank x worker
-            parts = [_drain(HFDocumentSource(spec, tok, i, shards, False)) for i in range(shards)]
+            parts = [
+                _drain(LocalDocumentSource(spec, corpus, tok, i, shards, False))
+                for i in range(shards)
+            ]
             assert sum(map(len, parts)) == n_docs
             assert sorted(map(tuple, sum(parts, []))) == sorted(map(tuple, whole))
 
@@ -92,7 +97,7 @@ def _drain(source) -> list[np.ndarray]:
     out = []
     while True:
         try:
-            out.append(source.next())
+            out.append(source.next()[0])
         except StopIteration:
             return out
 
@@ -108,6 +113,8 @@ def _pipeline_config(tmp_path, mixing: str, workers: int):
     cfg.data.phases = [{"tokens": 200, "weights": [1.0, 0.0]}, {"tokens": 1, "weights": [1, 3]}]
     cfg.data.mixing = mixing
     cfg.data.rsdb_buffer_docs = 8
+    cfg.data.jsonl_block_bytes = 512
+    cfg.data.table_block_rows = 4
     return cfg
 
 

@@ -9,21 +9,25 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from trinity_titan.data.packing import SequentialPacker
+from trinity_titan.data.packing import OpenDocument, SequentialPacker
 from trinity_titan.data.rsdb import RSDB
 
 
 class ListDocs:
-    """A resumable finite stream of documents (the role an HF source plays in the loader)."""
+    """A resumable finite stream of documents (the role the mixture plays in the loader); the
+    address of document i is (0, 0, 0, i)."""
 
     def __init__(self, docs: list[np.ndarray]):
         self.docs, self.pos = docs, 0
 
-    def __call__(self) -> np.ndarray:
+    def __call__(self) -> OpenDocument:
         if self.pos == len(self.docs):
             raise StopIteration
         self.pos += 1
-        return self.docs[self.pos - 1]
+        return OpenDocument(self.docs[self.pos - 1], (0, 0, 0, self.pos - 1))
+
+    def fetch(self, address) -> np.ndarray:
+        return self.docs[address[3]]
 
 
 def corpus(n_docs: int = 300, long_docs: int = 3, seed: int = 0) -> list[np.ndarray]:
@@ -42,7 +46,7 @@ def drain(packer) -> list[np.ndarray]:
 def drain_iter(packer):
     while True:
         try:
-            yield packer.next_row()
+            yield packer.next_row()[0]
         except StopIteration:
             return
 
@@ -99,7 +103,7 @@ def test_resume_mid_stream_gives_identical_rows(kind, cut):
     rest = drain(packer)
 
     resumed, stream2 = make(kind, docs, seed=99)  # the seed comes back with the state
-    resumed.load_state_dict(state[0])
+    resumed.load_state_dict(state[0], stream2.fetch)
     stream2.pos = state[1]
     again = drain(resumed)
     assert len(rest) == len(again) > 0
@@ -129,7 +133,7 @@ def test_pick_is_uniform_over_the_buffer():
     # Eight endless documents, rows of one piece each: every row picks one of the 8 uniformly.
     docs = [np.full(10**6, i, dtype=np.int32) for i in range(8)]
     rsdb, _ = make("rsdb", docs, row_len=16, buffer_docs=4, seed=5)
-    counts = Counter(int(rsdb.next_row()[0]) for _ in range(8000))
+    counts = Counter(int(rsdb.next_row()[0][0]) for _ in range(8000))
     assert sorted(counts) == list(range(8))
     assert all(abs(c - 1000) < 150 for c in counts.values()), counts
 
@@ -155,7 +159,7 @@ def batch_het_proxy(kind: str, seed: int = 0, ranks: int = 8, steps: int = 100):
 
         def next_doc(ids=ids, lengths=lengths):
             i = next(ids)
-            return np.full(lengths[i], i, dtype=np.int32)  # token = its document's id
+            return OpenDocument(np.full(lengths[i], i, dtype=np.int32))  # token = its doc's id
 
         packers.append(RSDB(next_doc, 257, 64, [seed, rank]) if kind == "rsdb"
                        else SequentialPacker(next_doc, 257))  # fmt: skip
@@ -164,7 +168,7 @@ def batch_het_proxy(kind: str, seed: int = 0, ranks: int = 8, steps: int = 100):
     for _ in range(steps):
         micro = []
         for packer, loss in zip(packers, losses, strict=True):
-            rows = [packer.next_row() for _ in range(4)]
+            rows = [packer.next_row()[0] for _ in range(4)]
             micro.append(loss[np.concatenate(rows)].mean())
             docs_per_row += [len(np.unique(r)) for r in rows]
         hets.append(max(micro) - np.mean(micro))

@@ -11,7 +11,7 @@ import pytest
 from datasets import Dataset
 
 from tests.fixtures import debug_tokenizer, write_corpora
-from trinity_titan.data.sources import HFDocumentSource, SourceSpec
+from trinity_titan.data.sources import LocalDocumentSource, SourceSpec, local_corpus
 from trinity_titan.data.validate import (
     BadDocumentError,
     FileTask,
@@ -101,19 +101,21 @@ def test_the_reader_skips_counts_and_resumes_or_names_the_document(tmp_path):
     lines = ['{"text": "one"}\n', '{"body": "x"}\n', '{"text": "two"}\n', '{"text": ""}\n',
              '{"text": "three"}\n']  # fmt: skip
     spec = SourceSpec(path=_jsonl(tmp_path / "a.jsonl", *lines))
+    corpus = local_corpus(spec, jsonl_block_bytes=1 << 20, table_block_rows=1024)
     tok = debug_tokenizer()
-    reader = HFDocumentSource(spec, tok, 0, 1, infinite=False, skip_bad=True)
+    reader = LocalDocumentSource(spec, corpus, tok, 0, 1, infinite=False, skip_bad=True)
     reader.next(), reader.next()
-    assert reader.skipped == 1 and reader.position == 3
+    assert reader.skipped == 1 and reader.docs == 2
     state = reader.state_dict()
-    resumed = HFDocumentSource(spec, tok, 0, 1, infinite=False, skip_bad=True)
+    resumed = LocalDocumentSource(spec, corpus, tok, 0, 1, infinite=False, skip_bad=True)
     resumed.load_state_dict(state)
-    assert tok.decode(resumed.next().tolist()[1:-1]) == "three"
+    tokens, address = resumed.next()
+    assert tok.decode(tokens.tolist()[1:-1]) == "three" and address == (0, 0, 4)
     assert resumed.skipped == 2
 
-    strict = HFDocumentSource(spec, tok, 0, 1, infinite=False)
+    strict = LocalDocumentSource(spec, corpus, tok, 0, 1, infinite=False)
     strict.next()
-    with pytest.raises(BadDocumentError, match=r"a.jsonl' \(shard 1 of 1, epoch 0\): document 2 "
+    with pytest.raises(BadDocumentError, match=r"a.jsonl \(block 0, document 1 of the block\) "
                        r"has no field 'text'.*on_bad_document"):  # fmt: skip
         strict.next()
 

@@ -2,8 +2,9 @@
 
 Every rank reads the same packed sample stream and keeps its own rows of each global micro-batch,
 so a run on N ranks sees exactly the batches of a 1-rank run with the same global batch. This
-makes parallelism degrees swappable without changing the loss; each rank tokenizes the whole
-stream, which is cheap for small models and the tests.
+makes parallelism degrees swappable without changing the loss, also on resume (every rank's
+saved state is the same); each rank tokenizes the whole stream, which is cheap for small models
+and the tests.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from typing import Any
 
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.utils.data import IterableDataset
-from torchtitan.components.dataloader import ParallelAwareDataloader
 from torchtitan.components.tokenizer import BaseTokenizer
 from torchtitan.config import JobConfig
 from torchtitan.hf_datasets.text_datasets import HuggingFaceTextDataset
+
+from trinity_titan.data.elastic import ElasticDataloader, global_batch_size
 
 
 class RankRowsOfGlobalBatch(IterableDataset, Stateful):
@@ -58,7 +60,7 @@ def build_debug_dataloader(
     tokenizer: BaseTokenizer,
     job_config: JobConfig,
     infinite: bool = True,
-) -> ParallelAwareDataloader:
+) -> ElasticDataloader:
     training = job_config.training
     samples = HuggingFaceTextDataset(
         dataset_name=training.dataset,
@@ -69,10 +71,12 @@ def build_debug_dataloader(
         dp_world_size=1,
         infinite=infinite,
     )
-    return ParallelAwareDataloader(
+    return ElasticDataloader(
         RankRowsOfGlobalBatch(samples, dp_rank, dp_world_size, training.local_batch_size),
         dp_rank=dp_rank,
         dp_world_size=dp_world_size,
+        global_batch_size=global_batch_size(job_config, dp_world_size),
+        dp_invariant=True,
         **asdict(training.dataloader),
         batch_size=training.local_batch_size,
     )

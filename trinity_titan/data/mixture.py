@@ -15,13 +15,17 @@ from typing import Any, Protocol
 import numpy as np
 from torchtitan.tools.logging import logger
 
+from trinity_titan.data.packing import DocAddress, OpenDocument
 from trinity_titan.job_config import ConfigError
 
 
 class DocumentSource(Protocol):
-    """A resumable stream of tokenized documents."""
+    """A resumable stream of tokenized documents, each with its (epoch, block, index) address
+    (None for a hub dataset); see data/sources.py."""
 
-    def next(self) -> np.ndarray: ...  # raises StopIteration when exhausted
+    def next(self) -> tuple[np.ndarray, tuple[int, int, int] | None]: ...  # StopIteration at end
+
+    def fetch(self, address: tuple[int, int, int]) -> np.ndarray: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -79,7 +83,7 @@ class Mixture:
         self.drawn = [0] * len(sources)  # documents per source, for logs and tests
         self.phase = 0
 
-    def next_document(self, tokens: int) -> np.ndarray:
+    def next_document(self, tokens: int) -> OpenDocument:
         """The next document, its source chosen under the weights of the phase at `tokens`."""
         phase = self.schedule.phase_at(tokens)
         if phase != self.phase:
@@ -94,12 +98,16 @@ class Mixture:
                 raise StopIteration
             i = int(self._rng.choice(len(live), p=live / live.sum()))
             try:
-                doc = self.sources[i].next()
+                doc, address = self.sources[i].next()
             except StopIteration:
                 self._exhausted[i] = True
                 continue
             self.drawn[i] += 1
-            return doc
+            return OpenDocument(doc, None if address is None else (i, *address))
+
+    def fetch(self, address: DocAddress) -> np.ndarray:
+        """The tokens of the local document at `address` (source, epoch, block, index)."""
+        return self.sources[address[0]].fetch(address[1:])
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -111,7 +119,8 @@ class Mixture:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._rng.bit_generator.state = state["rng"]
+        if state["rng"] is not None:  # None: a reshard's new reader keeps its fresh seed
+            self._rng.bit_generator.state = state["rng"]
         self._exhausted = list(state["exhausted"])
         self.drawn = list(state["drawn"])
         self.phase = int(state["phase"])

@@ -8,8 +8,9 @@ to the configured number, so a long document is spread over many rows of many ba
 filling consecutive rows, which lowers the loss spread between micro-batches (BatchHet).
 
 Every token is emitted exactly once and in order within its document; rows are full except the
-last one of a finite stream. The state (remaining tokens of every buffered document, the RNG) is
-checkpointable, so a resumed stream continues with the identical rows.
+last one of a finite stream. The state (every buffered document's address and read head, or its
+unread tokens for a hub document, and the RNG; see data/packing.py) is checkpointable, so a
+resumed stream continues with the identical rows.
 """
 
 from __future__ import annotations
@@ -18,7 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from trinity_titan.data.packing import NextDoc
+from trinity_titan.data.packing import (
+    Fetch,
+    NextDoc,
+    OpenDocument,
+    Piece,
+    documents_from_state,
+    documents_state,
+)
 
 
 class RSDB:
@@ -32,7 +40,7 @@ class RSDB:
         self.buffer_docs = buffer_docs
         self.capacity = 2 * buffer_docs
         self._rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed)))
-        self._docs: list[np.ndarray] = []  # remaining tokens of each doc: doc[read_head:]
+        self._docs: list[OpenDocument] = []
         self._exhausted = False
 
     def __len__(self) -> int:
@@ -42,48 +50,47 @@ class RSDB:
         """Bulk refill to 2x the configured size (called when it has fallen to the configured size)."""
         while len(self._docs) < self.capacity and not self._exhausted:
             try:
-                doc = np.asarray(self.next_doc(), dtype=np.int32)
+                doc = self.next_doc()
             except StopIteration:
                 self._exhausted = True
                 break
-            if len(doc):
+            if doc.left:
                 self._docs.append(doc)
 
-    def next_row(self) -> np.ndarray:
-        """`row_len` tokens; the last row of a finite stream may be shorter; then StopIteration."""
-        parts, need = [], self.row_len
+    def next_row(self) -> tuple[np.ndarray, list[Piece]]:
+        """`row_len` tokens and their pieces; the last row of a finite stream may be shorter;
+        then StopIteration."""
+        parts, pieces, need = [], [], self.row_len
         while need:
             if len(self._docs) <= self.buffer_docs:
                 self._refill()
             if not self._docs:
                 break
             i = int(self._rng.integers(len(self._docs)))
-            doc = self._docs[i]
-            parts.append(doc[:need])
-            need -= len(parts[-1])
-            if len(doc) > len(parts[-1]):
-                self._docs[i] = doc[len(parts[-1]) :]
-            else:  # spent: purge (swap with the last, so removal is O(1))
+            tokens, piece = self._docs[i].take(need)
+            parts.append(tokens)
+            pieces.append(piece)
+            need -= len(tokens)
+            if not self._docs[i].left:  # spent: purge (swap with the last: O(1) removal)
                 self._docs[i] = self._docs[-1]
                 self._docs.pop()
         if not parts:
             raise StopIteration
-        return np.concatenate(parts)
+        return np.concatenate(parts), pieces
 
     def state_dict(self) -> dict[str, Any]:
-        lengths = np.array([len(d) for d in self._docs], dtype=np.int64)
-        tokens = np.concatenate(self._docs) if self._docs else np.empty(0, dtype=np.int32)
         return {
-            "tokens": tokens,
-            "lengths": lengths,
+            "open": documents_state(self._docs),
             "rng": self._rng.bit_generator.state,
             "exhausted": self._exhausted,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        tokens = np.asarray(state["tokens"], dtype=np.int32)
-        ends = np.cumsum(np.asarray(state["lengths"], dtype=np.int64))
-        starts = ends - np.asarray(state["lengths"], dtype=np.int64)
-        self._docs = [tokens[s:e].copy() for s, e in zip(starts, ends, strict=True)]
-        self._rng.bit_generator.state = state["rng"]
+    def load_state_dict(self, state: dict[str, Any], fetch: Fetch) -> None:
+        self._docs = documents_from_state(state["open"], fetch)
+        if state["rng"] is not None:  # None: a reshard's new reader keeps its fresh seed
+            self._rng.bit_generator.state = state["rng"]
         self._exhausted = bool(state["exhausted"])
+
+    def add(self, docs: list[OpenDocument]) -> None:
+        """Take over open documents (a reshard hands each new reader its share)."""
+        self._docs.extend(d for d in docs if d.left)

@@ -17,8 +17,8 @@ step starts clean. Step 0 (the seed) starts the run from its weights, as in Torc
 nothing, when every folder is damaged. A folder whose newer steps hold the model only cannot be
 resumed (a new run from step 0 would overwrite them): a ConfigError says what to do.
 
-`check_resume_layout` refuses, before the model is built, a resume that TorchTitan and torchdata
-cannot honour yet (another data-parallel degree or dataloader `num_workers`).
+`check_resume_layout` refuses, before the model is built, a resume on another layout that cannot
+continue the data exactly once (data/position.py), or that would change the global batch.
 """
 
 from __future__ import annotations
@@ -27,14 +27,18 @@ import os
 import pickle
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
+from torchtitan.config import JobConfig
 
+from trinity_titan.data.elastic import dataloader_keys, saved_num_workers
+from trinity_titan.data.sources import SourceSpec
+from trinity_titan.data.validate import local_files
 from trinity_titan.job_config import ConfigError
 
 STEP_FOLDER = re.compile(r"step-(\d+)")
@@ -50,6 +54,15 @@ class Layout:
     """Data-parallel ranks (TorchTitan's `dataloader.world_size`)."""
     num_workers: int
     """Dataloader worker processes per rank."""
+    global_batch: int = 0
+    """Sequences per optimizer step (0: not saved)."""
+    exact: bool = True
+    """The saved data position is that of the saved step (not an older worker snapshot)."""
+    keys: tuple[str, ...] = field(default=(), compare=False)
+    """The dataloader's keys in the checkpoint (what a resume on another layout loads)."""
+
+    def same_readers(self, other: Layout) -> bool:
+        return (self.dp_degree, self.num_workers) == (other.dp_degree, other.num_workers)
 
 
 @dataclass(frozen=True)
@@ -103,7 +116,7 @@ def inspect_step(step: int, path: Path) -> StepFolder:
     if not all(any(k.startswith(p) for k in keys) for p in FULL_STATE):
         return StepFolder(step, path)
     try:
-        layout = _read_layout(path)
+        layout = _read_layout(path, dataloader_keys(list(keys)))
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - state that does not load is damage
         return StepFolder(step, path, problem=f"its data/train state fails to load ({_brief(e)})")
     return StepFolder(step, path, full=True, layout=layout)
@@ -133,25 +146,24 @@ def _missing_bytes(path: Path, metadata: Metadata) -> str | None:
     return None
 
 
-def _read_layout(path: Path) -> Layout:
-    """Load the data-parallel degree and rank 0's dataloader state (a trial load of the state a
-    resume needs first). Runs on one rank, without collectives."""
-    state: dict[str, Any] = {
-        "dataloader": {"world_size": 0, "dp_rank_0": b""},
-        "train_state": {"step": 0, "ntokens_seen": 0},
-    }
+def _read_layout(path: Path, keys: list[str]) -> Layout:
+    """Load the data-parallel degree, the global batch and rank 0's dataloader state (a trial
+    load of the state a resume needs first). Runs on one rank, without collectives."""
+    loader: dict[str, Any] = {"world_size": 0, "dp_rank_0": b""}
+    if "global_batch_size" in keys:
+        loader["global_batch_size"] = 0
+    state: dict[str, Any] = {"dataloader": loader, "train_state": {"step": 0, "ntokens_seen": 0}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dcp.load(state, storage_reader=dcp.FileSystemReader(str(path)), no_dist=True)
-    loader = pickle.loads(state["dataloader"]["dp_rank_0"])
-    return Layout(int(state["dataloader"]["world_size"]), saved_num_workers(loader))
-
-
-def saved_num_workers(loader_state: dict[str, Any]) -> int:
-    """Worker processes of a torchdata StatefulDataLoader state: a multi-process state keeps
-    them in `_snapshot._main_snapshot._num_workers`; a single-process state has no `_snapshot`."""
-    snapshot = loader_state.get("_snapshot")
-    return int(snapshot["_main_snapshot"]["_num_workers"]) if snapshot else 0
+    rank0 = pickle.loads(loader["dp_rank_0"])
+    return Layout(
+        dp_degree=int(loader["world_size"]),
+        num_workers=saved_num_workers(rank0),
+        global_batch=int(loader.get("global_batch_size", 0)),
+        exact=not rank0.get("_steps_since_snapshot", 0),
+        keys=tuple(keys),
+    )
 
 
 @dataclass(frozen=True)
@@ -234,23 +246,41 @@ def set_aside(damaged: list[StepFolder], folder: Path) -> None:
         s.path.rename(target)
 
 
-def check_resume_layout(saved: Layout, now: Layout, step: str) -> None:
-    """Refuse a resume whose layout TorchTitan (dataloader resharding) and torchdata (worker
-    count) cannot honour yet. The one place to relax once elastic resume lands."""
-    changed = []
-    if saved.dp_degree != now.dp_degree:
-        changed.append(
+def check_resume_layout(saved: Layout, now: Layout, step: str, job_config: JobConfig) -> None:
+    """Refuse, with the fix, a resume whose data cannot continue exactly once on the new layout,
+    or whose global batch would change without `training.global_batch_size` saying so."""
+    sources = [SourceSpec.from_dict(d) for d in job_config.data.sources]
+    refused = None
+    if not saved.same_readers(now):
+        was = (
             f"the data-parallel degree (data_parallel_replicate_degree x "
-            f"data_parallel_shard_degree) was {saved.dp_degree}, is {now.dp_degree}"
-        )
-    if saved.num_workers != now.num_workers:
-        changed.append(
+            f"data_parallel_shard_degree) was {saved.dp_degree}, is {now.dp_degree}; "
             f"[training.dataloader] num_workers was {saved.num_workers}, is {now.num_workers}"
         )
-    if changed:
+        hub = [s.path for s in sources if not local_files(s.path)]
+        if not sources and saved.num_workers != now.num_workers:
+            refused = f"{was}, and the debug loader resumes with its saved num_workers only"
+        elif hub:
+            refused = f"{was}, and the position in hub dataset {hub[0]!r} cannot be resharded"
+        elif not saved.exact:
+            refused = (
+                f"{was}, and its data position is older than the step (saved with [data] "
+                "snapshot_every_n_batches > 1), so it cannot be resharded"
+            )
+    if refused:
         raise ConfigError(
-            f"cannot resume from {step}: {'; '.join(changed)}, and the saved data position "
-            "cannot be resharded yet. Fix: resume with the saved values, or start a new run "
-            "from its weights in another --job.dump_folder (--checkpoint.initial_load_path "
-            f"{step} --checkpoint.initial_load_model_only)."
+            f"cannot resume from {step}: {refused}. Fix: resume with the saved values, or "
+            "start a new run from its weights in another --job.dump_folder "
+            f"(--checkpoint.initial_load_path {step} --checkpoint.initial_load_model_only)."
+        )
+    if (
+        saved.global_batch
+        and job_config.training.global_batch_size < 0
+        and saved.global_batch != now.global_batch
+    ):
+        raise ConfigError(
+            f"cannot resume from {step}: its global batch was {saved.global_batch} sequences and "
+            f"would be {now.global_batch} (training.local_batch_size x the data-parallel degree). "
+            f"Fix: --training.global_batch_size {saved.global_batch} keeps it (gradient "
+            "accumulation makes up the difference); another value changes it on purpose."
         )

@@ -14,6 +14,7 @@ is made once and shared, so that all ranks raise the same ConfigError and stop t
 from __future__ import annotations
 
 import atexit
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +27,8 @@ from torchtitan.hf_datasets.text_datasets import DATASETS
 from torchtitan.tools.logging import logger
 
 from trinity_titan.data.datasets import TRINITY_DATASETS
-from trinity_titan.data.sources import SourceSpec
+from trinity_titan.data.elastic import global_batch_size
+from trinity_titan.data.sources import SourceSpec, local_corpus
 from trinity_titan.data.validate import (
     FileScan,
     check_scans,
@@ -58,6 +60,9 @@ class RunStart:
     resume_step: int | None
     """The checkpoint step every rank loads (None: none, or checkpointing is off)."""
     scans: list[FileScan]
+    reshard_keys: list[str] | None = None
+    """The checkpoint's dataloader keys when it was saved on another layout: the dataloader
+    loads all of them and reshards the data position (data/elastic.py); None: same layout."""
 
 
 def _rank_world() -> tuple[int, int]:
@@ -89,11 +94,12 @@ def on_rank0(fn: Callable[[], T]) -> T:
 def start_run(job_config: JobConfig, degrees: Degrees) -> RunStart:
     """Lock, choose the resume step, validate the data; ConfigError on every rank on a problem."""
     lock = take_lock(job_config)
-    resume_step = on_rank0(lambda: choose_resume_step(job_config, degrees))
+    resume_step, reshard_keys = on_rank0(lambda: choose_resume_step(job_config, degrees))
     if resume_step is not None:
         job_config.checkpoint.load_step = resume_step
     scans = validate_data(job_config, degrees)
-    return RunStart(lock, resume_step, scans)
+    on_rank0(lambda: check_enough_blocks(job_config, degrees))
+    return RunStart(lock, resume_step, scans, reshard_keys)
 
 
 def _checkpoint_folder(job_config: JobConfig) -> Path:
@@ -117,26 +123,37 @@ def take_lock(job_config: JobConfig) -> RunLock | None:
     return lock
 
 
-def choose_resume_step(job_config: JobConfig, degrees: Degrees) -> int | None:
-    """Rank 0: the step to resume from, after moving damaged folders aside (None: start fresh)."""
+def choose_resume_step(
+    job_config: JobConfig, degrees: Degrees
+) -> tuple[int | None, list[str] | None]:
+    """Rank 0: the step to resume from, after moving damaged folders aside (None: start fresh),
+    and the dataloader keys to reshard from when its layout differs (None: it does not)."""
     checkpoint = job_config.checkpoint
     if not checkpoint.enable or checkpoint.create_seed_checkpoint:
-        return None
+        return None, None
     folder = _checkpoint_folder(job_config)
     choice: ResumeChoice = choose_resume(folder, checkpoint.load_step)
     chosen = choice.step
+    reshard_keys = None
     if chosen is not None and chosen.layout is not None:
-        now = Layout(
-            degrees.dp_replicate * degrees.dp_shard, job_config.training.dataloader.num_workers
-        )
-        check_resume_layout(chosen.layout, now, str(chosen.path))
+        dp = degrees.dp_replicate * degrees.dp_shard
+        now = Layout(dp, job_config.training.dataloader.num_workers,
+                     global_batch_size(job_config, dp))  # fmt: skip
+        check_resume_layout(chosen.layout, now, str(chosen.path), job_config)
+        if not chosen.layout.same_readers(now):
+            reshard_keys = list(chosen.layout.keys)
+            logger.info(
+                f"Resuming {chosen.path.name} on another layout: {chosen.layout.dp_degree} -> "
+                f"{dp} data-parallel ranks, {chosen.layout.num_workers} -> {now.num_workers} "
+                "workers; the data position is resharded"
+            )
     set_aside(choice.damaged, folder)
     warning = choice.warning(damaged_folder(folder))
     if warning:
         logger.warning(warning)
     if chosen is None and folder.is_dir():
         _leave_no_empty_folder(folder, checkpoint.initial_load_path)
-    return chosen.step if chosen is not None else None
+    return (chosen.step, reshard_keys) if chosen is not None else (None, None)
 
 
 def _leave_no_empty_folder(folder: Path, initial_load_path: str) -> None:
@@ -232,3 +249,31 @@ def check_enough_documents(
                 f"max(1, num_workers = {num_workers})): some reader would get none. Fix: add "
                 "documents, or lower --training.dataloader.num_workers."
             )
+
+
+def check_enough_blocks(job_config: JobConfig, degrees: Degrees) -> None:
+    """Every reader of a local source needs at least one of its blocks (data/blocks.py)."""
+    data = job_config.data
+    num_workers = job_config.training.dataloader.num_workers
+    readers = degrees.dp_replicate * degrees.dp_shard * max(1, num_workers)
+    for i, source in enumerate(data.sources):
+        corpus = local_corpus(
+            SourceSpec.from_dict(source), data.jsonl_block_bytes, data.table_block_rows
+        )
+        if corpus is None or len(corpus) >= readers:
+            continue
+        if corpus.kind == "json":
+            size = sum(os.path.getsize(f) for f in corpus.files)
+            unit = f"of about --data.jsonl_block_bytes = {data.jsonl_block_bytes}"
+            fix = f"lower --data.jsonl_block_bytes to {max(1, size // readers)} or less"
+        else:
+            unit = f"of --data.table_block_rows = {data.table_block_rows}"
+            rows = data.table_block_rows * len(corpus)
+            fix = f"lower --data.table_block_rows to {max(1, rows // readers)} or less"
+        raise ConfigError(
+            f"[[data.sources]] entry {i} ({source['path']!r}) has {len(corpus)} block(s) {unit} "
+            f"for its {readers} readers (data-parallel degree "
+            f"{degrees.dp_replicate * degrees.dp_shard} x max(1, num_workers = {num_workers})): "
+            f"some reader would get none. Fix: {fix}, or lower "
+            "--training.dataloader.num_workers."
+        )
