@@ -218,7 +218,7 @@ def test_metrics_in_tensorboard_and_offline_wandb(runs):
     }
     assert config["moe"]["balance_gamma"] == 1e-3 and config["moe"]["balance_method"] == "smebu"
     assert config["model"]["attn_mask_type"] == "causal"
-    assert config["model_args"]["num_experts"] == 8 and config["model_args"]["context_len"] == 128
+    assert config["model_args"]["num_experts"] == 8 and config["model_args"]["context_len"] == 4096
     # per-layer values: one chart per statistic holding every layer, not a scalar per layer
     assert b"moe/maxvio/layer_2" not in payload
     charts = glob.glob(f"{run_dir}/files/media/table/moe/maxvio_by_layer_*.table.json")
