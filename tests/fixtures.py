@@ -86,7 +86,12 @@ def write_corpora(folder: Path) -> tuple[str, str, str]:
 
 
 def save_dcp_checkpoint(
-    step_dir: Path, *, full: bool = True, dp_degree: int = 1, num_workers: int = 0
+    step_dir: Path,
+    *,
+    full: bool = True,
+    dp_degree: int = 1,
+    num_workers: int = 0,
+    steps_since_snapshot: int = 0,
 ) -> Path:
     """A one-process DCP checkpoint laid out like TorchTitan's: the model keys at the top, and
     (full) optimizer, lr_scheduler, dataloader (torchdata state, pickled per dp rank) and
@@ -98,7 +103,10 @@ def save_dcp_checkpoint(
     import torch.distributed.checkpoint as dcp
 
     loader = (
-        {"_snapshot": {"_main_snapshot": {"_num_workers": num_workers}}}
+        {
+            "_snapshot": {"_main_snapshot": {"_num_workers": num_workers}},
+            "_steps_since_snapshot": steps_since_snapshot,
+        }  # fmt: skip
         if num_workers
         else {"_num_yielded": 3}
     )
@@ -110,8 +118,10 @@ def save_dcp_checkpoint(
             "dataloader": {
                 **{f"dp_rank_{r}": pickle.dumps(loader) for r in range(dp_degree)},
                 "world_size": dp_degree,
+                "local_batch_size": 8,  # the debug config's
+                "global_batch_size": 8 * dp_degree,
             },
-            "train_state": {"step": 3, "ntokens_seen": 384},
+            "train_state": {"step": 3, "ntokens_seen": 384, "global_tokens_seen": 384 * dp_degree},
         }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

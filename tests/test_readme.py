@@ -16,7 +16,7 @@ import pytest
 
 from tests.fixtures import REPO
 from tests.test_train_configs import documented_layouts
-from trinity_titan.tools import bench, convert, fetch_assets, niah, plan
+from trinity_titan.tools import bench, convert, data_position, fetch_assets, niah, plan
 
 README = (REPO / "README.md").read_text()
 TOOLS = {
@@ -25,6 +25,7 @@ TOOLS = {
     "fetch_assets": fetch_assets,
     "niah": niah,
     "bench": bench,
+    "data_position": data_position,
 }
 
 

@@ -25,6 +25,7 @@ def test_train_through_pipeline_resumes_bitwise(tmp_path):
 mixing = "rsdb"
 rsdb_buffer_docs = 4  # 2 per worker: refills often, so phase 2 documents arrive
 seed = 7
+table_block_rows = 8  # the 30-row parquet file: 4 blocks for the 2 readers
 
 [[data.sources]]
 path = "{corpus}"

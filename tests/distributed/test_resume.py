@@ -53,6 +53,7 @@ DATA = """
 mixing = "rsdb"
 rsdb_buffer_docs = 8
 seed = 3
+jsonl_block_bytes = 16384  # the validation file: 4 blocks for the 2 readers
 
 [[data.sources]]
 path = "{corpus}"

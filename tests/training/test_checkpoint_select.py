@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tests.fixtures import save_dcp_checkpoint
+from tests.fixtures import debug_job_config, save_dcp_checkpoint
 from trinity_titan.job_config import ConfigError
 from trinity_titan.training.checkpoint_select import (
     Layout,
@@ -25,9 +25,12 @@ def _shard(step_dir):
 def test_a_full_checkpoint_is_resumable_with_its_layout(tmp_path):
     s = inspect_step(3, save_dcp_checkpoint(tmp_path / "step-3", dp_degree=2, num_workers=4))
     assert s.resumable and s.problem is None
-    assert s.layout == Layout(dp_degree=2, num_workers=4)
+    assert s.layout == Layout(dp_degree=2, num_workers=4, global_batch=16)
+    assert "dp_rank_1" in s.layout.keys and "global_batch_size" in s.layout.keys
     single = inspect_step(3, save_dcp_checkpoint(tmp_path / "other", num_workers=0))
-    assert single.layout == Layout(dp_degree=1, num_workers=0)
+    assert single.layout == Layout(dp_degree=1, num_workers=0, global_batch=8)
+    stale = save_dcp_checkpoint(tmp_path / "stale", num_workers=2, steps_since_snapshot=3)
+    assert not inspect_step(3, stale).layout.exact
 
 
 def test_each_kind_of_damage_is_named(tmp_path):
@@ -109,10 +112,38 @@ def test_an_explicit_load_step_must_be_valid(tmp_path):
         choose_resume(ckpt, 7)
 
 
-def test_a_changed_layout_is_refused_naming_what_changed():
-    check_resume_layout(Layout(2, 1), Layout(2, 1), "step-3")
+def _job(sources=(), global_batch_size=-1):
+    cfg = debug_job_config("--training.global_batch_size", str(global_batch_size))
+    cfg.data.sources = list(sources)
+    return cfg
+
+
+def test_a_changed_layout_resumes_where_the_data_can_be_resharded(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
+    local = [{"path": str(tmp_path / "a.jsonl")}]
+    # local sources: any change of ranks and workers
+    check_resume_layout(Layout(2, 1, 4), Layout(4, 2, 4), "step-3", _job(local))
+    # the debug loader: another data-parallel degree, the same workers
+    check_resume_layout(Layout(2, 1, 4), Layout(4, 1, 4), "step-3", _job())
     with pytest.raises(ConfigError) as e:
-        check_resume_layout(Layout(2, 1), Layout(4, 2), "step-3")
+        check_resume_layout(Layout(2, 1, 4), Layout(4, 2, 4), "step-3", _job())
     message = str(e.value)
     assert "data-parallel degree" in message and "was 2, is 4" in message
     assert "num_workers was 1, is 2" in message and "initial_load_path step-3" in message
+    assert "debug loader resumes with its saved num_workers only" in message
+    hub = [{"path": "allenai/c4", "name": "en"}]
+    with pytest.raises(ConfigError, match="hub dataset 'allenai/c4' cannot be resharded"):
+        check_resume_layout(Layout(2, 1, 4), Layout(1, 1, 4), "step-3", _job(hub))
+    check_resume_layout(Layout(2, 1, 4), Layout(2, 1, 4), "step-3", _job(hub))
+    with pytest.raises(ConfigError, match="older than the step"):
+        check_resume_layout(Layout(2, 1, 4, exact=False), Layout(1, 1, 2), "s", _job(local))
+
+
+def test_the_global_batch_is_kept_or_changed_on_purpose(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
+    local = [{"path": str(tmp_path / "a.jsonl")}]
+    with pytest.raises(ConfigError, match=r"global batch was 8 sequences and would be 4.*"
+                       r"--training.global_batch_size 8 keeps it"):  # fmt: skip
+        check_resume_layout(Layout(4, 0, 8), Layout(2, 0, 4), "step-3", _job(local))
+    check_resume_layout(Layout(4, 0, 8), Layout(2, 0, 8), "step-3", _job(local, 8))
+    check_resume_layout(Layout(4, 0, 8), Layout(2, 0, 16), "step-3", _job(local, 16))

@@ -61,6 +61,8 @@ def test_every_option_in_the_table_exists():
         ("kernels.loss_chunk_size", "0", ">= 1"),
         ("nan_guard.max_consecutive_skips", "0", ">= 1"),
         ("data.rsdb_buffer_docs", "0", ">= 1"),
+        ("data.jsonl_block_bytes", "0", ">= 1"),
+        ("data.table_block_rows", "0", ">= 1"),
         ("data.seed", "-1", ">= 0"),
         ("checkpoint.interval", "0", ">= 1"),
         ("checkpoint.keep_latest_k", "1", ">= 2 (or 0)"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -49,6 +50,11 @@ def test_sources_need_a_document_per_reader(tmp_path):
     with pytest.raises(ConfigError, match=r"entry 0 has 3 usable document\(s\), fewer than its 4"):
         _start(cfg)
     cfg.training.dataloader.num_workers = 2
+    with pytest.raises(ConfigError, match=r"entry 0 .* has 1 block\(s\) of about "
+                       r"--data.jsonl_block_bytes = 4194304 for its 2 readers.*Fix: lower "
+                       r"--data.jsonl_block_bytes to \d+ or less"):  # fmt: skip
+        _start(cfg)
+    cfg.data.jsonl_block_bytes = os.path.getsize(corpus) // 2
     run = _start(cfg)
     assert [s.documents for s in run.scans] == [3]
     assert (tmp_path / "run" / LOCK_NAME).is_file()  # held until the process exits

@@ -117,6 +117,8 @@ RANGES: tuple[Range, ...] = (
     _at_least("data.seed", 0),
     _at_least("data.snapshot_every_n_batches", 1),
     _at_least("data.validate_head_docs", 1),
+    _at_least("data.jsonl_block_bytes", 1),
+    _at_least("data.table_block_rows", 1),
     # [checkpoint], [metrics], [comm], [run_lock], [validation]
     _at_least("checkpoint.interval", 1),
     _at_least("checkpoint.keep_latest_k", 2, 0),
