@@ -29,9 +29,9 @@ from torchtitan.experiments.ft.train import FTTrainer
 from torchtitan.tools.logging import logger
 from torchtitan.train import main
 
-from trinity_titan.compat.torchft import ReplicaGroups
+from trinity_titan.compat.torchft import ReplicaGroups, restore_scheduled_lrs
 from trinity_titan.compat.torchtitan import set_command_line
-from trinity_titan.train import TrinityTrainer, with_trinity_config
+from trinity_titan.train import StepClosing, TrinityTrainer, with_trinity_config
 
 
 class TrinityFTTrainer(TrinityTrainer, FTTrainer):
@@ -41,6 +41,8 @@ class TrinityFTTrainer(TrinityTrainer, FTTrainer):
 
     def __init__(self, job_config) -> None:
         self._backwards = 0
+        self._step_started_at = 0
+        """`self.step` when the running step began (a heal replaces it with a live group's)."""
         super().__init__(job_config)
         has_fsdp = any(
             isinstance(m, FSDPModule) for part in self.model_parts for m in part.modules()
@@ -62,15 +64,20 @@ class TrinityFTTrainer(TrinityTrainer, FTTrainer):
         return self.ft_manager.get_dp_info(super().data_parallel_degree(), 0)[0]
 
     def train_step(self, data_iterator) -> None:
-        """TorchTitan's step; logs when this group healed (took a live group's step)."""
         self._backwards = 0
-        before = self.step
+        self._step_started_at = self.step
         super().train_step(data_iterator)
-        if self.step != before:
+
+    def _close_step(self, closing: StepClosing) -> None:
+        """After torchft's commit vote, where a healing group has loaded a live group's state:
+        complete the heal (see compat/torchft.py), then close the step as usual."""
+        if self.step != self._step_started_at:
+            restore_scheduled_lrs(self.optimizers, self.lr_schedulers)
             logger.info(
                 f"Healed from a live replica group: at step {self.step} (this group was at "
-                f"step {before})"
+                f"step {self._step_started_at})"
             )
+        super()._close_step(closing)
 
     def forward_backward_step(self, **kwargs) -> torch.Tensor:
         loss = super().forward_backward_step(**kwargs)

@@ -5,11 +5,13 @@ that step's quorum. What TorchTitan 0.2.2 does not do for Trinity, and how it is
 
 - `OptimizerStepPhases`: `FTOptimizersContainer.step` calls torchft's `OptimizerWrapper.step`,
   which asks the manager `should_commit()` and then calls the container's `step` again. Every
-  step pre-hook therefore runs twice per committed step (before the vote, and before the
-  update), and once for a step that is not committed. The phases object runs a step's gathering
-  (all communication, whose failure must veto the commit) in the first call, its state change
-  (expert bias, loss statistics, NaN decision) in the second, after a healing group has loaded
-  its peer's state, and drops the step when no second call came.
+  step pre-hook therefore runs at least twice per committed step (before the vote, and before
+  the update; a third time from `OptimizersContainer.step` once torch has wrapped that class's
+  `step` with its hooks, which it does when any plain container is built in the process), and
+  once for a step that is not committed. The phases object runs a step's gathering (all
+  communication, whose failure must veto the commit) in the outermost call, its state change
+  (expert bias, loss statistics, NaN decision) in the first nested one, after a healing group
+  has loaded its peer's state, and drops the step when no nested call came.
 - `ReplicaGroups`: sums and maxima across the live groups through the manager (a group that is
   healing, or not in the quorum, contributes zeros). Trinity's expert-bias counts, NaN-guard
   flags and metrics were reduced over the "loss" mesh only, which under torchft spans one group.
@@ -17,6 +19,12 @@ that step's quorum. What TorchTitan 0.2.2 does not do for Trinity, and how it is
   all-reduce hook (`FTManager.maybe_set_all_reduce_hook`); a group without FSDP (one rank, or TP
   only) would train on its own. Such groups average every gradient after the step's last
   backward, before clipping, as the hook does.
+- `restore_scheduled_lrs`: `FTOptimizersContainer.state_dict()`, which torchft sends to a healing
+  group, is a cache made when the checkpointer was built: its tensors are the live optimizer
+  state, but its param-group values are copies from then. A healed group thus loads the LR of
+  the run's start into its optimizers (its LR schedulers' state is current), and its first
+  update after the heal would differ from the live groups'. The LRs are set from the schedulers
+  right after the heal.
 - Logged loss: `FTTrainer.train_step` sums the groups' mean losses over torchft's process group
   (the logged loss is the number of groups times the mean), and with one rank per group logs that
   group's own loss. Trinity's metrics processor logs the mean over the live groups' tokens,
@@ -31,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import torch
 from torch.distributed import ReduceOp
 from torch.distributed.tensor import DTensor
+from torchtitan.components.lr_scheduler import LRSchedulersContainer
 from torchtitan.components.optimizer import FTOptimizersContainer, OptimizersContainer
 
 if TYPE_CHECKING:
@@ -77,11 +86,11 @@ class ReplicaGroups:
 class OptimizerStepPhases(Generic[T]):
     """Per-step work split around torchft's commit vote, each part run once per step.
 
-    `gather()` runs before the vote (the first pre-hook call): every collective of the step's
-    closing, so that a failure vetoes the commit. `apply(gathered)` runs right before the
-    parameters are updated (the second call, after `should_commit()`, which is where a healing
-    group loads its peer's state). `drop(gathered)` runs when the step was not committed (no
-    second call came). For a plain container (one call per step) `gather` and `apply` run
+    `gather()` runs before the vote (the outermost pre-hook call): every collective of the
+    step's closing, so that a failure vetoes the commit. `apply(gathered)` runs right before the
+    parameters are updated (the first nested call, after `should_commit()`, which is where a
+    healing group loads its peer's state). `drop(gathered)` runs when the step was not
+    committed (no nested call came). For a plain container (one call per step) `gather` and `apply` run
     together and `drop` never does.
     """
 
@@ -109,13 +118,9 @@ class OptimizerStepPhases(Generic[T]):
                     self._pending = [gathered]
                 else:
                     self.apply(gathered)
-            elif self._depth == 2 and self._pending:
+            elif self._pending:  # the first call after torchft's vote
                 self.apply(self._pending.pop())
-            else:
-                raise RuntimeError(
-                    f"optimizer step entered {self._depth} times: expected one call, or two "
-                    "under torchft (its vote, then the update)"
-                )
+            # deeper calls of the same step (see the module docstring) have nothing left to do
         except BaseException:
             # post-hooks do not run after an error: start the next step afresh
             self._depth, self._pending = 0, []
@@ -125,6 +130,15 @@ class OptimizerStepPhases(Generic[T]):
         self._depth -= 1
         if self._depth == 0 and self._pending:
             self.drop(self._pending.pop())
+
+
+def restore_scheduled_lrs(
+    optimizers: OptimizersContainer, lr_schedulers: LRSchedulersContainer
+) -> None:
+    """Set every param group's LR to its scheduler's current one (see the module docstring)."""
+    for optimizer, scheduler in zip(optimizers.optimizers, lr_schedulers.schedulers, strict=True):
+        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+            group["lr"] = lr
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
