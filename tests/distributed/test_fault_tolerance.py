@@ -38,7 +38,6 @@ ARGS = (
     "--training.steps", "2000",  # never reached: the test stops the groups
     "--training.local_batch_size", "2",
     "--lr_scheduler.warmup_steps", "2",
-    "--parallelism.data_parallel_shard_degree", "1",
     "--optimizer.name", "Muon",
     "--optimizer.muon_lr", "2e-2",
     "--moe.balance_method", "smebu",
@@ -82,26 +81,33 @@ class Job:
 class Group(Job):
     """One replica group: a torchrun job of the dump trainer."""
 
-    def __init__(self, replica: int, dump: Path, log: Path, env: dict[str, str]) -> None:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--standalone",
-               "-m", "tests.distributed.ft_dump_trainer", "--job.config_file", str(DEBUG_TOML),
-               "--job.dump_folder", str(dump), "--metrics.disable_color_printing", *ARGS,
+    def __init__(
+        self, replica: int, ranks: int, dump: Path, log: Path, env: dict[str, str]
+    ) -> None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
+               "--standalone", "-m", "tests.distributed.ft_dump_trainer",
+               "--job.config_file", str(DEBUG_TOML), "--job.dump_folder", str(dump),
+               "--metrics.disable_color_printing", *ARGS,
+               "--parallelism.data_parallel_shard_degree", str(ranks),
                "--fault_tolerance.replica_id", str(replica)]  # fmt: skip
         super().__init__(cmd, log, env)
-        self.state = dump / "ft_state" / f"replica_{replica}_rank0"
+        self.states = [dump / "ft_state" / f"replica_{replica}_rank{r}" for r in range(ranks)]
 
     def losses(self) -> dict[int, float]:
         return losses_of(self.log())
 
     def groups_in_step(self) -> dict[int, int]:
         """{step: replica groups whose data the step used}, from the health lines."""
-        return {int(s): int(n) for s, n in _HEALTH.findall(self.log())}
+        return _groups(self.log())
 
     def dumped_steps(self) -> set[int]:
-        return {int(p.stem.split("-")[1]) for p in self.state.glob("step-*.pt")}
+        """Steps whose state every rank has written."""
+        per_rank = [{int(p.stem.split("-")[1]) for p in f.glob("step-*.pt")} for f in self.states]
+        return set.intersection(*per_rank)
 
-    def dump(self, step: int) -> dict[str, torch.Tensor]:
-        return torch.load(self.state / f"step-{step}.pt")
+    def dump(self, step: int) -> list[dict[str, torch.Tensor]]:
+        """Every rank's state after `step` (its shards, with FSDP)."""
+        return [torch.load(f / f"step-{step}.pt") for f in self.states]
 
 
 def wait_until(what: str, done: Callable[[], bool], jobs: list[Job], deadline: float) -> None:
@@ -117,7 +123,8 @@ def wait_until(what: str, done: Callable[[], bool], jobs: list[Job], deadline: f
         time.sleep(0.2)
 
 
-def test_a_killed_group_drops_out_and_heals_on_restart(tmp_path):
+@pytest.mark.parametrize("ranks", [1, 2], ids=["1_rank", "fsdp_2_ranks"])
+def test_a_killed_group_drops_out_and_heals_on_restart(tmp_path, ranks):
     deadline = time.monotonic() + DEADLINE_S
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", WANDB_MODE="offline",
@@ -130,8 +137,8 @@ def test_a_killed_group_drops_out_and_heals_on_restart(tmp_path):
                           "--quorum_tick_ms", "100", "--heartbeat_timeout_ms", "1000",
                           "--bind", f"127.0.0.1:{port}"], tmp_path / "lighthouse.log", env)  # fmt: skip
         jobs.append(lighthouse)
-        a = Group(0, dump, tmp_path / "group0.log", env)
-        b = Group(1, dump, tmp_path / "group1.log", env)
+        a = Group(0, ranks, dump, tmp_path / "group0.log", env)
+        b = Group(1, ranks, dump, tmp_path / "group1.log", env)
         jobs += [a, b]
         wait_until("both groups in the steps", lambda: sum(
             n == 2 for n in a.groups_in_step().values()) >= 3, jobs, deadline)  # fmt: skip
@@ -143,7 +150,7 @@ def test_a_killed_group_drops_out_and_heals_on_restart(tmp_path):
             s > killed_at and n == 1 for s, n in a.groups_in_step().items()) >= 5, jobs, deadline)  # fmt: skip
         alone = sorted(s for s, n in a.groups_in_step().items() if s > killed_at and n == 1)
 
-        b = Group(1, dump, tmp_path / "group1_restarted.log", env)
+        b = Group(1, ranks, dump, tmp_path / "group1_restarted.log", env)
         jobs.append(b)
         wait_until("group 1 to heal", lambda: _HEALED.search(b.log()) is not None, jobs, deadline)
         healed_at = int(_HEALED.search(b.log()).group(1))
@@ -157,21 +164,28 @@ def test_a_killed_group_drops_out_and_heals_on_restart(tmp_path):
             job.kill()
 
     # Group 0 trained on through the kill: one launch, steps past the kill in a quorum of one.
-    assert log_a.count("Training starts at step 1") == 1, log_a[-3000:]
+    assert log_a.count("Training starts at step 1") == ranks, log_a[-3000:]  # each rank, once
     assert alone[0] <= killed_at + 3 and len(alone) >= 5, (killed_at, alone)
     # The restarted group resumed its data position and took group 0's step.
     assert re.search(r"Loading the FT checkpoint at step \d+", log_b), log_b[-3000:]
     assert healed_at > killed_at, (healed_at, killed_at)
-    # In step again: same losses, two groups in each step, identical state.
+    # In step again: the live groups' loss, two groups in each step, identical state on each rank.
     losses_a, losses_b = losses_of(log_a), losses_of(log_b)
+    groups_a, groups_b = _groups(log_a), _groups(log_b)
+    assert groups_b[healed_at] == 1, groups_b  # the healing group's own batch does not count
     for step in common:
         assert losses_a[step] == losses_b[step], (step, losses_a[step], losses_b[step])
-        assert a.groups_in_step()[step] == 2 or step > max(a.groups_in_step()), step
-    for step, (sa, sb) in states.items():
-        assert set(sa) == set(sb)
-        for part in ("expert_bias", "expert_bias_momentum", "momentum_buffer", "exp_avg_sq"):
-            assert any(part in k for k in sa), part
-        bias = [k for k in sa if k.endswith("expert_bias_momentum")]
-        assert any(sa[k].abs().max() > 0 for k in bias), "SMEBU momentum never moved"
-        for key in sa:
-            assert torch.equal(sa[key], sb[key]), (step, key)
+        assert groups_a[step] == groups_b[step] == 2, (step, groups_a, groups_b)
+    for step, (ranks_a, ranks_b) in states.items():
+        for sa, sb in zip(ranks_a, ranks_b, strict=True):
+            assert set(sa) == set(sb)
+            for part in ("expert_bias", "expert_bias_momentum", "momentum_buffer", "exp_avg_sq"):
+                assert any(part in k for k in sa), part
+            momenta = [k for k in sa if k.endswith("expert_bias_momentum")]
+            assert any(sa[k].abs().max() > 0 for k in momenta), "SMEBU momentum never moved"
+            for key in sa:
+                assert torch.equal(sa[key], sb[key]), (step, key)
+
+
+def _groups(log: str) -> dict[int, int]:
+    return {int(s): int(n) for s, n in _HEALTH.findall(log)}
