@@ -5,7 +5,8 @@ On every log step, next to TorchTitan's own metrics, to every backend:
   statistics), loss/balance, moe/maxvio_worst, moe/load_frac_min, moe/load_frac_max,
   moe/dead_experts, moe/bias_min, moe/bias_max (from the expert-bias balancer),
   data/skipped_documents (with `[data] on_bad_document = "skip"`: bad documents skipped so far),
-  ft/replica_groups (under torchft: the replica groups whose data the step used).
+  ft/replica_groups (under torchft: the step's participants, the groups its gradients are
+  averaged over; a group healing at the first step is one, with zero contributions).
 Under torchft every statistic spans the live replica groups (a healing group's is left out), and
 so does the logged loss (see compat/torchft.py for why TorchTitan's is replaced).
 Per MoE layer, laid out for each backend so that one panel shows every layer:
