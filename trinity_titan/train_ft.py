@@ -21,10 +21,12 @@ Each group is launched with its own replica id; a torchft lighthouse must run (s
 from __future__ import annotations
 
 import sys
-from typing import ClassVar
+from collections.abc import Iterator
+from typing import Any, ClassVar
 
 import torch
 from torch.distributed.fsdp import FSDPModule
+from torchtitan.config import JobConfig
 from torchtitan.experiments.ft.train import FTTrainer
 from torchtitan.tools.logging import logger
 from torchtitan.train import main
@@ -39,7 +41,7 @@ class TrinityFTTrainer(TrinityTrainer, FTTrainer):
 
     fault_tolerant: ClassVar[bool] = True
 
-    def __init__(self, job_config) -> None:
+    def __init__(self, job_config: JobConfig) -> None:
         self._backwards = 0
         self._step_started_at = 0
         """`self.step` when the running step began (a heal replaces it with a live group's)."""
@@ -63,23 +65,29 @@ class TrinityFTTrainer(TrinityTrainer, FTTrainer):
         """All groups' data-parallel ranks (the global batch is counted over every group)."""
         return self.ft_manager.get_dp_info(super().data_parallel_degree(), 0)[0]
 
-    def train_step(self, data_iterator) -> None:
+    def train_step(
+        self, data_iterator: Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]
+    ) -> None:
         self._backwards = 0
         self._step_started_at = self.step
         super().train_step(data_iterator)
 
     def _close_step(self, closing: StepClosing) -> None:
         """After torchft's commit vote, where a healing group has loaded a live group's state:
-        complete the heal (see compat/torchft.py), then close the step as usual."""
-        if self.step != self._step_started_at:
+        give the optimizers the scheduled LRs (compat/torchft.py; a no-op unless this group
+        healed), then close the step as usual."""
+        if self.replica_groups is not None:
             restore_scheduled_lrs(self.optimizers, self.lr_schedulers)
-            logger.info(
-                f"Healed from a live replica group: at step {self.step} (this group was at "
-                f"step {self._step_started_at})"
-            )
+            if self.replica_groups.healing():
+                logger.info(
+                    f"Healed from a live replica group: at step {self.step} (this group was at "
+                    f"step {self._step_started_at})"
+                )
         super()._close_step(closing)
 
-    def forward_backward_step(self, **kwargs) -> torch.Tensor:
+    def forward_backward_step(self, **kwargs: Any) -> torch.Tensor:
+        """TorchTitan's; after the step's last backward, a group without FSDP averages its
+        gradients across the live groups (before they are clipped)."""
         loss = super().forward_backward_step(**kwargs)
         self._backwards += 1
         if self._average_gradients and self._backwards == self.gradient_accumulation_steps:

@@ -24,7 +24,7 @@ that step's quorum. What TorchTitan 0.2.2 does not do for Trinity, and how it is
   state, but its param-group values are copies from then. A healed group thus loads the LR of
   the run's start into its optimizers (its LR schedulers' state is current), and its first
   update after the heal would differ from the live groups'. The LRs are set from the schedulers
-  right after the heal.
+  after every commit vote (where a heal loads the state; without one it changes nothing).
 - Logged loss: `FTTrainer.train_step` sums the groups' mean losses over torchft's process group
   (the logged loss is the number of groups times the mean), and with one rank per group logs that
   group's own loss. Trinity's metrics processor logs the mean over the live groups' tokens,
@@ -60,8 +60,13 @@ class ReplicaGroups:
         self.manager = manager
 
     def participants(self) -> int:
-        """Groups whose data counts in this step (a healing group does not)."""
+        """Groups the step's gradients are averaged over (torchft's participants)."""
         return self.manager.num_participants()
+
+    def healing(self) -> bool:
+        """This group is healing in this step: it loads a live group's state at the commit vote
+        and contributes zeros to the step's collectives."""
+        return not self.manager.is_participating()
 
     def all_reduce(self, tensor: torch.Tensor, op: ReduceOp = ReduceOp.SUM) -> bool:
         """Reduce `tensor` in place across the live groups; False if this or an earlier
@@ -79,8 +84,8 @@ class ReplicaGroups:
             same = [g for g in grads if g.dtype == dtype]
             flat = torch.cat([g.reshape(-1) for g in same])
             self.all_reduce(flat, ReduceOp.AVG)
-            pieces = flat.split([g.numel() for g in same])
-            torch._foreach_copy_(same, [t.view_as(g) for t, g in zip(pieces, same, strict=True)])
+            for g, piece in zip(same, flat.split([g.numel() for g in same]), strict=True):
+                g.copy_(piece.view_as(g))
 
 
 class OptimizerStepPhases(Generic[T]):
