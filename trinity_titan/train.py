@@ -82,6 +82,8 @@ class TrinityTrainer(OwnsTrainSpec):
     """Bad documents skipped (with `[data] on_bad_document = "skip"`), for the metrics."""
     replica_groups: ReplicaGroups | None
     """The live torchft replica groups (None without fault tolerance)."""
+    step_phases: OptimizerStepPhases[StepClosing]
+    """Runs the step's closing around the optimizer step (and torchft's commit vote)."""
 
     def __init__(self, job_config: JobConfig):
         self._stop_after_step: BadStep | None = None
