@@ -33,7 +33,7 @@ from tests.distributed.launch import DEBUG_TOML, REPO, descendants, losses_of
 pytestmark = pytest.mark.slow
 
 DEADLINE_S = 170
-"""The whole scenario's time limit (it takes about 100 s on a 2-core CPU)."""
+"""The whole scenario's time limit (it took 40-60 s per variant on a 2-core CPU)."""
 ARGS = (
     "--training.steps", "2000",  # never reached: the test stops the groups
     "--training.local_batch_size", "2",
