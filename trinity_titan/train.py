@@ -7,6 +7,7 @@ it (output-folder lock, resume choice, data scan), the fused linear cross-entrop
 NaN/inf guard (`[nan_guard]`) and Trinity's metrics. It owns the per-step state (loss statistics,
 the expert-bias balancer, the guard, the skipped-document count) and hands it to the components
 that use it. A ConfigError ends the run with one `error: ...` line and exit status 2.
+`python -m trinity_titan.train_ft` runs this trainer as one torchft replica group.
 """
 
 from __future__ import annotations
