@@ -21,13 +21,13 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 # Install torch first and on its own, so that no later requirement pulls a different (CUDA) build.
 .venv/bin/python -m pip install --quiet "$TORCH_SPEC"
-.venv/bin/python -m pip install --quiet -e ".[test]"
+.venv/bin/python -m pip install --quiet -e ".[test,ft]"
 # A CPU torch brings no triton (liger-kernel then pulls the newest): pin one whose interpreter runs
 # Liger's fused loss on CPU, as the tests do (TRITON_INTERPRET=1). CUDA builds pin their own triton.
 if .venv/bin/python -c "import sys, torch; sys.exit(bool(torch.version.cuda or torch.version.hip))"; then
   .venv/bin/python -m pip install --quiet "$TRITON_SPEC"
 fi
-.venv/bin/python -c "import torch, torchtitan, triton, trinity_titan; print('torch', torch.__version__, '| triton', triton.__version__, '| trinity_titan', trinity_titan.__version__)"
+.venv/bin/python -c "import importlib.metadata as m, torch, torchtitan, triton, torchft, trinity_titan; print('torch', torch.__version__, '| triton', triton.__version__, '| torchft', m.version('torchft'), '| trinity_titan', trinity_titan.__version__)"
 
 if [[ "$TRAIN" == 1 ]]; then
   NGPU="${NGPU:-1}"

@@ -7,6 +7,7 @@ it (output-folder lock, resume choice, data scan), the fused linear cross-entrop
 NaN/inf guard (`[nan_guard]`) and Trinity's metrics. It owns the per-step state (loss statistics,
 the expert-bias balancer, the guard, the skipped-document count) and hands it to the components
 that use it. A ConfigError ends the run with one `error: ...` line and exit status 2.
+`python -m trinity_titan.train_ft` runs this trainer as one torchft replica group.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import functools
 import os
 import sys
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -30,6 +32,7 @@ from torchtitan.protocols.train_spec import TrainSpec
 from torchtitan.tools.logging import logger
 from torchtitan.train import main
 
+from trinity_titan.compat.torchft import OptimizerStepPhases, ReplicaGroups
 from trinity_titan.compat.torchtitan import (
     OwnsTrainSpec,
     checkpoint_folder,
@@ -55,8 +58,21 @@ from trinity_titan.training.row_trace import RowTrace
 from trinity_titan.training.run_start import RunStart, start_run
 
 
+@dataclass(frozen=True)
+class StepClosing:
+    """What the ranks (and replica groups) agreed on before an optimizer step."""
+
+    bad: BadStep | None
+    """Not None: the step was not finite and is skipped."""
+    counts: torch.Tensor | None
+    """The step's global expert counts (see ExpertBiasBalancer.gather); None when skipped."""
+
+
 class TrinityTrainer(OwnsTrainSpec):
     """TorchTitan's Trainer; Trinity features override its hooks, never copy its loop."""
+
+    fault_tolerant: ClassVar[bool] = False
+    """Whether this trainer runs `[fault_tolerance]` (trinity_titan.train_ft)."""
 
     checked: CheckedJob
     """The job as checked before the mesh: model args, degrees and tokenizer."""
@@ -68,6 +84,10 @@ class TrinityTrainer(OwnsTrainSpec):
     """Bad documents skipped (with `[data] on_bad_document = "skip"`), for the metrics."""
     row_trace: RowTrace | None
     """Where the trained rows' document pieces go (`[data] trace_rows`)."""
+    replica_groups: ReplicaGroups | None
+    """The live torchft replica groups (None without fault tolerance)."""
+    step_phases: OptimizerStepPhases[StepClosing]
+    """Runs the step's closing around the optimizer step (and torchft's commit vote)."""
 
     def __init__(self, job_config: JobConfig):
         self._stop_after_step: BadStep | None = None
@@ -75,11 +95,14 @@ class TrinityTrainer(OwnsTrainSpec):
         """(global tokens, this rank's ntokens_seen) at the loaded checkpoint."""
         super().__init__(job_config)
         self.metrics_processor.watch_experts(self.balancer)
-        dims = self.parallel_dims
-        self._batch_degree = dims.get_mesh("batch").size() if dims.dp_enabled else 1
+        self._batch_degree = self.data_parallel_degree()
         self.batch_ramp = BatchRamp.from_job_config(job_config, self._batch_degree)
         self.nan_guard = NanGuard(
-            job_config.nan_guard, self.model_parts, self.loss_stats, lambda: self.step
+            job_config.nan_guard,
+            self.model_parts,
+            self.loss_stats,
+            lambda: self.step,
+            self.replica_groups,
         )
         if self.nan_guard.enabled:
             self.loss_fn = self.nan_guard.watch_loss(self.loss_fn)
@@ -100,7 +123,10 @@ class TrinityTrainer(OwnsTrainSpec):
         # The one config check, before any mesh, tokenizer, data or model is built.
         with exit_on_config_error():
             self.checked = check_job(
-                self.job_config, int(os.environ["WORLD_SIZE"]), trinity_trainer=True
+                self.job_config,
+                int(os.environ["WORLD_SIZE"]),
+                trinity_trainer=True,
+                fault_tolerant=self.fault_tolerant,
             )
         self.loss_stats = LossStats(self.checked.model_args.vocab_size)
         data = self.job_config.data
@@ -114,8 +140,18 @@ class TrinityTrainer(OwnsTrainSpec):
             self.run_start = start_run(self.job_config, self.checked.degrees)
         return dims
 
+    def data_parallel_degree(self) -> int:
+        """Data-parallel ranks the global batch is split over (TorchTitan's batch degree)."""
+        dims = self.parallel_dims
+        return dims.get_mesh("batch").size() if dims.dp_enabled else 1
+
+    def live_replica_groups(self) -> ReplicaGroups | None:
+        """The torchft replica groups Trinity's sums span (none without fault tolerance)."""
+        return None
+
     def own_train_spec(self, registered: TrainSpec) -> TrainSpec:
         """The registered spec with builders that use this trainer's checked job and state."""
+        self.replica_groups = self.live_replica_groups()
         return dataclasses.replace(
             registered,
             model_args={self.job_config.model.flavor: self.checked.model_args},
@@ -128,6 +164,7 @@ class TrinityTrainer(OwnsTrainSpec):
                 build_trinity_metrics_processor,
                 loss_stats=self.loss_stats,
                 skipped_documents=self.skipped_documents,
+                replica_groups=self.replica_groups,
             ),
             build_optimizers_fn=self._build_optimizers,
         )
@@ -142,8 +179,10 @@ class TrinityTrainer(OwnsTrainSpec):
         optimizers = build_trinity_optimizers(
             model_parts, optimizer_config, parallel_dims, ft_manager
         )
-        self.balancer = ExpertBiasBalancer(model_parts, parallel_dims)
-        optimizers.register_step_pre_hook(self._before_optimizer_step)
+        self.balancer = ExpertBiasBalancer(model_parts, parallel_dims, self.replica_groups)
+        self.step_phases = OptimizerStepPhases(
+            optimizers, self._agree_on_step, self._close_step, self._drop_step
+        )
         return optimizers
 
     # ------------------------------------------------------------------ the run
@@ -191,12 +230,18 @@ class TrinityTrainer(OwnsTrainSpec):
         logger.info(f"HF export {folder}: wrote {', '.join(written)} next to the weights")
 
     # ------------------------------------------------------------------ per step
-    def _before_optimizer_step(self, *_args: Any, **_kwargs: Any) -> None:
-        """Close the step: balance the experts and keep the loss statistics, or, on a
-        non-finite step, forget the step and drop its gradients so that no update happens."""
+    def _agree_on_step(self) -> StepClosing:
+        """Before the optimizer step (under torchft, before its commit vote): every collective
+        of the step's closing. Is it finite everywhere, and the global expert counts."""
         bad = self.nan_guard.check_step() if self.nan_guard.enabled else None
+        return StepClosing(bad, self.balancer.gather() if bad is None else None)
+
+    def _close_step(self, closing: StepClosing) -> None:
+        """Right before the update: balance the experts and keep the loss statistics, or, on a
+        non-finite step, forget the step and drop its gradients so that no update happens."""
+        bad = closing.bad
         if bad is None:
-            self.balancer.update()
+            self.balancer.apply(closing.counts)
             self.loss_stats.close_step()
             return
         self.balancer.discard_step()
@@ -204,6 +249,14 @@ class TrinityTrainer(OwnsTrainSpec):
         drop_gradients(self.model_parts)
         if self.nan_guard.skip(bad):
             self._stop_after_step = bad
+
+    def _drop_step(self, closing: StepClosing) -> None:
+        """torchft did not commit the step (a replica group failed during it, or too few are
+        alive): no parameter changed, so neither do the biases; the step's counts and loss
+        statistics are forgotten."""
+        self.balancer.discard_step()
+        self.loss_stats.discard_step()
+        logger.warning(f"Step {self.step} was not committed by torchft: its update is dropped")
 
     def batch_generator(self, data_iterable):
         """TorchTitan's batches, with the skipped-document counts taken out before the model

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torchtitan.components.lr_scheduler import build_lr_schedulers
+from torchtitan.components.optimizer import FTOptimizersContainer
 from torchtitan.config import ConfigManager
 
 import trinity_titan  # noqa: F401  (registers the train spec)
@@ -281,3 +282,44 @@ def test_expert_bias_update_still_runs_with_muon(model):
     optimizers.step()
     for moe in moes:
         assert moe.expert_bias.abs().sum() > 0 and moe.tokens_per_expert.sum() == 0
+
+
+class _VotingManager:
+    """torchft's Manager as TorchTitan's FT container uses it: a quorum and a commit vote."""
+
+    def __init__(self, commit: bool) -> None:
+        self.commit = commit
+        self.votes = 0
+
+    def start_quorum(self) -> None:
+        pass
+
+    def should_commit(self) -> bool:
+        self.votes += 1
+        return self.commit
+
+
+@pytest.mark.parametrize("commit", [True, False])
+def test_under_torchft_muon_takes_torchtitans_ft_optimizer_path(model, commit):
+    """With an enabled FTManager, Muon + AdamW is one HybridMuon per model part inside
+    TorchTitan's FTOptimizersContainer: a step updates only when torchft commits it, and the
+    Muon matrices then get exactly the plain container's update."""
+    manager = _VotingManager(commit)
+    ft = SimpleNamespace(enabled=True, manager=manager, use_async_quorum=True)
+    twin = copy.deepcopy(model)
+    opt = build_trinity_optimizers([model], config(), None, ft)
+    assert isinstance(opt, FTOptimizersContainer) and isinstance(opt.optimizers[0], HybridMuon)
+    plain = build_trinity_optimizers([twin], config(), None)
+    before = copy.deepcopy(model.state_dict())
+    opt.zero_grad()
+    fake_grads(model, 1)
+    fake_grads(twin, 1)
+    opt.step()
+    plain.step()
+    assert manager.votes == 1
+    muon = {id(p) for g in opt.optimizers[0].param_groups if g["use_muon"] for p in g["params"]}
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        if not commit:
+            assert torch.equal(p, before[name]), name
+        elif id(p) in muon:
+            assert torch.equal(p, q) and not torch.equal(p, before[name]), name

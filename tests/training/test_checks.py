@@ -110,3 +110,36 @@ def test_a_source_folder_without_data_files(tmp_path):
     (tmp_path / "notes.txt").write_text("not data")
     with pytest.raises(ConfigError, match=r"folder .* holds no .arrow/.json/.jsonl/.parquet file"):
         build("--data.sources", "path", str(tmp_path))
+
+
+FT = ("--fault_tolerance.enable", "--fault_tolerance.group_size", "2")
+
+
+def _ft(*overrides: str, fault_tolerant: bool = True) -> None:
+    cfg = debug_job_config(*FT, *overrides)
+    check_job(cfg, 1, trinity_trainer=True, files=False, fault_tolerant=fault_tolerant)
+
+
+def test_fault_tolerance_needs_the_ft_trainer_and_a_layout_it_keeps_consistent():
+    _ft("--fault_tolerance.replica_id", "1")
+    with pytest.raises(
+        ConfigError, match=r"needs Trinity's torchft trainer.*trinity_titan.train_ft"
+    ):
+        _ft(fault_tolerant=False)  # -m trinity_titan.train, or TorchTitan's trainers
+    with pytest.raises(ConfigError, match=r"replica_id = 2 and group_size = 2"):
+        _ft("--fault_tolerance.replica_id", "2")
+    with pytest.raises(ConfigError, match=r"data_parallel_replicate_degree = 2 under fault"):
+        cfg = debug_job_config(*FT, "--parallelism.data_parallel_replicate_degree", "2")
+        check_job(cfg, 2, trinity_trainer=True, files=False, fault_tolerant=True)
+    with pytest.raises(ConfigError, match=r"semi_sync_method = 'diloco' is not supported"):
+        _ft("--fault_tolerance.semi_sync_method", "diloco")
+    with pytest.raises(ConfigError, match=r"enable_ft_dataloader_checkpoints = false"):
+        _ft("--checkpoint.no-enable-ft-dataloader-checkpoints")
+
+
+def test_the_batch_ramp_counts_every_replica_groups_ranks():
+    ramp = ("--training.local_batch_size", "2", "--data.batch_ramp", "tokens", "512",
+            "global_batch_size", "6")  # fmt: skip
+    check_job(debug_job_config(*ramp), 1, trinity_trainer=True, files=False)  # 6 = 2 x 1 x 3
+    with pytest.raises(ConfigError, match=r"global batch 6 is not a positive multiple.*2 x 2"):
+        _ft(*ramp)  # two groups of one rank: 6 sequences are not a multiple of 2 x 2

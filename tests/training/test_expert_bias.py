@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from types import SimpleNamespace
 
@@ -157,3 +158,62 @@ def test_momentum_is_checkpointed_but_not_in_hf(debug_args):
     back = adapter.from_hf(hf)
     assert set(back) == set(sd)
     assert torch.count_nonzero(back["layers.3.moe.expert_bias_momentum"]) == 0
+
+
+class _OtherGroups:
+    """ReplicaGroups as the balancer sees it: the other live groups' stacked counts are added."""
+
+    def __init__(self, theirs: torch.Tensor | None, participants: int) -> None:
+        self.theirs = theirs
+        self.live = participants
+
+    def all_reduce(self, tensor, op=None) -> bool:
+        if self.theirs is not None:
+            tensor.add_(self.theirs)
+        return True
+
+    def participants(self) -> int:
+        return self.live
+
+
+def _routed_step(model, tokens) -> None:
+    model(tokens).sum().backward()
+
+
+def test_counts_are_summed_across_replica_groups_so_biases_agree(debug_args):
+    """Two replica groups see different tokens. Each sums the other's counts into its own
+    (under torchft, through the manager): both then apply the update of the summed counts,
+    and their biases and SMEBU momenta stay equal (a group counting alone would drift)."""
+    debug_args.balance_loss_coeff = 1e-2
+    a = _model(debug_args, balance_method="smebu", smebu_lambda=1e-2)
+    b = copy.deepcopy(a)
+    alone = copy.deepcopy(a)
+    tokens = torch.randint(0, debug_args.vocab_size, (2, 4, 16))
+    for model, x in ((a, tokens[0]), (b, tokens[1]), (alone, tokens[0])):
+        _routed_step(model, x)
+    mine_a = ExpertBiasBalancer([a], _NoMesh()).gather()
+    mine_b = ExpertBiasBalancer([b], _NoMesh()).gather()
+    both_a = ExpertBiasBalancer([a], _NoMesh(), _OtherGroups(mine_b.clone(), 2))
+    both_b = ExpertBiasBalancer([b], _NoMesh(), _OtherGroups(mine_a.clone(), 2))
+    summed_a, summed_b = both_a.gather(), both_b.gather()
+    torch.testing.assert_close(summed_a, summed_b)
+    torch.testing.assert_close(summed_a[:, :-1], mine_a[:, :-1] + mine_b[:, :-1])
+    # the balance-loss column is each group's mean: their sum over the live groups / 2
+    torch.testing.assert_close(summed_a[:, -1], (mine_a[:, -1] + mine_b[:, -1]) / 2)
+    both_a.apply(summed_a)
+    both_b.apply(summed_b)
+    ExpertBiasBalancer([alone], _NoMesh()).update()
+    for name, buf in a.named_buffers():
+        if "expert_bias" in name:
+            assert torch.equal(buf, b.get_buffer(name)), name
+            assert buf.abs().max() > 0
+            assert not torch.equal(buf, alone.get_buffer(name)), name  # alone: another update
+
+
+def test_a_healing_group_adds_zero_counts(debug_args):
+    """torchft zeroes a healing group's contribution: the live group's counts are the sum."""
+    model = _model(debug_args, balance_method="aux_free")
+    _routed_step(model, torch.randint(0, debug_args.vocab_size, (2, 16)))
+    expected = ExpertBiasBalancer([model], _NoMesh()).gather()
+    got = ExpertBiasBalancer([model], _NoMesh(), _OtherGroups(torch.zeros_like(expected), 1))
+    torch.testing.assert_close(got.gather(), expected)

@@ -25,6 +25,83 @@ from trinity_titan.training.metrics import (
 )
 
 
+def _processor(stats: LossStats, replica_groups=None) -> TrinityMetricsProcessor:
+    proc = TrinityMetricsProcessor.__new__(TrinityMetricsProcessor)
+    proc.loss_stats = stats
+    proc.replica_groups = replica_groups
+    proc.parallel_dims = SimpleNamespace(get_optional_mesh=lambda name: None)
+    proc.job_config = SimpleNamespace(
+        loss=SimpleNamespace(z_loss_coeff=1e-3),
+        health=SimpleNamespace(max_logit_warn=1.0, maxvio_warn=0.5),
+    )
+    return proc
+
+
+def _step_stats(batches) -> LossStats:
+    stats = LossStats(vocab_size=V)
+    loss_fn = TrinityLoss(1e-3, stats)
+    for logits, labels in batches:
+        loss_fn(logits, labels)
+    stats.close_step()
+    return stats
+
+
+class _Capture:
+    """Replica groups that record what they are given (one group's contribution)."""
+
+    def __init__(self) -> None:
+        self.given: list[torch.Tensor] = []
+
+    def all_reduce(self, tensor, op=torch.distributed.ReduceOp.SUM) -> bool:
+        self.given.append(tensor.clone())
+        return True
+
+    def participants(self) -> int:
+        return 1
+
+
+class _Other:
+    """Replica groups holding another group's contributions: SUM adds, MAX takes the larger."""
+
+    def __init__(self, theirs: list[torch.Tensor]) -> None:
+        self.theirs = list(theirs)
+
+    def all_reduce(self, tensor, op=torch.distributed.ReduceOp.SUM) -> bool:
+        other = self.theirs.pop(0)
+        if op == torch.distributed.ReduceOp.MAX:
+            torch.maximum(tensor, other, out=tensor)
+        else:
+            tensor.add_(other)
+        return True
+
+    def participants(self) -> int:
+        return 2
+
+
+def test_loss_metrics_span_the_live_replica_groups():
+    """Group A's metrics with group B's contributions reduced in equal the metrics of all four
+    micro-batches on one process; the logged loss is the mean over both groups' tokens and the
+    max is the larger group mean (TorchTitan's FT trainer would log the sum of the means)."""
+    torch.manual_seed(3)
+    batches = [batch() for _ in range(4)]
+    capture = _Capture()
+    _processor(_step_stats(batches[2:]), capture).loss_summary()
+    metrics, (mean, worst) = _processor(
+        _step_stats(batches[:2]), _Other(capture.given)
+    ).loss_summary()
+    one_process, _ = _processor(_step_stats(batches)).loss_summary()
+    for key, value in one_process.items():
+        assert metrics[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    group_means = [
+        _processor(_step_stats(b)).loss_summary()[1][0] for b in (batches[:2], batches[2:])
+    ]
+    tokens = [sum((lab != -100).sum().item() for _, lab in b) for b in (batches[:2], batches[2:])]
+    expected = sum(m * t for m, t in zip(group_means, tokens, strict=True)) / sum(tokens)
+    assert mean == pytest.approx(expected, rel=1e-9)
+    assert mean == pytest.approx(one_process["loss/ce"] + one_process["loss/z_loss"], rel=1e-9)
+    assert worst == pytest.approx(max(group_means), rel=1e-12)
+
+
 def test_loss_metrics_and_health_warning():
     stats = LossStats(vocab_size=V)
     loss_fn = TrinityLoss(1e-3, stats)
@@ -32,13 +109,7 @@ def test_loss_metrics_and_health_warning():
     for logits, labels in batches:
         loss_fn(logits, labels)
     stats.close_step()
-    proc = TrinityMetricsProcessor.__new__(TrinityMetricsProcessor)
-    proc.loss_stats = stats
-    proc.parallel_dims = SimpleNamespace(get_optional_mesh=lambda name: None)
-    proc.job_config = SimpleNamespace(
-        loss=SimpleNamespace(z_loss_coeff=1e-3),
-        health=SimpleNamespace(max_logit_warn=1.0, maxvio_warn=0.5),
-    )
+    proc = _processor(stats)
     m = proc.loss_metrics()
     logits = torch.cat([b[0].detach().flatten(0, 1) for b in batches])
     labels = torch.cat([b[1].flatten() for b in batches])

@@ -64,3 +64,29 @@ def test_skip_mode_stops_at_exactly_max_consecutive_skips():
     assert "3 consecutive steps" in message and "--nan_guard.action skip" not in message
     model.weight.grad = torch.zeros_like(model.weight)
     assert guard.check_step() is None and guard.consecutive_skips == 0  # a good step resets
+
+
+class _OtherGroups:
+    """The other live replica groups' [bad loss, bad grad] flags, MAX-reduced into ours."""
+
+    def __init__(self, flags: list[float]) -> None:
+        self.flags = torch.tensor(flags)
+        self.ops = []
+
+    def all_reduce(self, tensor, op) -> bool:
+        self.ops.append(op)
+        torch.maximum(tensor, self.flags, out=tensor)
+        return True
+
+
+def test_a_bad_loss_in_another_replica_group_skips_the_step_here_too():
+    model, stats = nn.Linear(3, 2), LossStats(vocab_size=2)
+    others = _OtherGroups([1.0, 0.0])  # another group saw a NaN loss term
+    guard = NanGuard(NanGuardConfig(action="skip"), [model], stats, lambda: 7, others)
+    model(torch.ones(1, 3)).sum().backward()
+    bad = guard.check_step()
+    assert bad is not None and bad.loss and not bad.grad
+    assert bad.describe() == "loss (on another rank)"
+    assert others.ops == [torch.distributed.ReduceOp.MAX]
+    others.flags.zero_()
+    assert guard.check_step() is None

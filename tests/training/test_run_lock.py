@@ -19,6 +19,7 @@ from trinity_titan.training.run_lock import (
     LOCK_NAME,
     Holder,
     RunLock,
+    lock_name,
     output_folders,
     process_start,
 )
@@ -130,3 +131,21 @@ def test_a_checkpoint_folder_outside_the_dump_folder_is_locked_too(tmp_path):
     with pytest.raises(ConfigError, match=r"output folder .*run1 is in use"):
         lock.acquire()
     assert not (tmp_path / "dump" / LOCK_NAME).exists()
+
+
+def test_replica_groups_of_one_run_share_the_folders_but_not_a_replica_id(tmp_path):
+    """torchft: each replica group's job locks the shared output folders under its own id."""
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as other:
+        try:
+            _write_holder(
+                tmp_path / lock_name(0), pid=other.pid, proc_start=process_start(other.pid)
+            )
+            group1 = RunLock(output_folders(str(tmp_path), None, lock_name(1)), RunLockConfig())
+            group1.acquire()  # group 0 holds its own lock: no conflict
+            assert (tmp_path / "trinity_run.replica_1.lock").exists()
+            group1.release()
+            again0 = RunLock(output_folders(str(tmp_path), None, lock_name(0)), RunLockConfig())
+            with pytest.raises(ConfigError, match="is in use by another run"):
+                again0.acquire()  # a second job with replica id 0
+        finally:
+            other.kill()

@@ -84,3 +84,21 @@ def test_an_initial_load_is_never_ignored(tmp_path):
     (tmp_path / "run" / "checkpoint" / "notes").mkdir(parents=True)
     with pytest.raises(ConfigError, match=r"initial_load_path = .* would be ignored.*notes"):
         _start(cfg)
+
+
+def test_replica_groups_share_the_folder_and_leave_the_resume_to_torchtitan(tmp_path):
+    """torchft: a group's lock is its own, and a step folder another group is still writing
+    (no .metadata yet) is neither judged damaged nor moved."""
+    run = tmp_path / "run"
+    writing = run / "checkpoint" / "step-4"
+    writing.mkdir(parents=True)
+    cfg = debug_job_config("--job.dump_folder", str(run), "--checkpoint.enable",
+                           "--fault_tolerance.enable", "--fault_tolerance.group_size", "2",
+                           "--fault_tolerance.replica_id", "1")  # fmt: skip
+    started = _start(cfg)
+    try:
+        assert started.resume_step is None
+        assert writing.is_dir() and not (run / "checkpoint-damaged").exists()
+        assert (run / "trinity_run.replica_1.lock").is_file() and not (run / LOCK_NAME).exists()
+    finally:
+        started.lock.release()

@@ -7,7 +7,11 @@ from typing import Any
 
 from torch import nn
 from torchtitan.components.ft import FTManager
-from torchtitan.components.optimizer import OptimizersContainer, build_optimizers
+from torchtitan.components.optimizer import (
+    FTOptimizersContainer,
+    OptimizersContainer,
+    build_optimizers,
+)
 from torchtitan.config import Optimizer as OptimizerConfig
 from torchtitan.distributed import ParallelDims
 
@@ -105,17 +109,37 @@ class MuonOptimizersContainer(OptimizersContainer):
         super().__init__(model_parts, make, muon_defaults(config))
 
 
+class MuonFTOptimizersContainer(FTOptimizersContainer):
+    """One HybridMuon per model part in TorchTitan's torchft container: the Muon and AdamW groups
+    take the path TorchTitan's optimizers take under `[fault_tolerance]` (the step waits for
+    torchft's commit vote; the state, cached for healing, is what a restarted group receives)."""
+
+    def __init__(
+        self, model_parts: list[nn.Module], config: OptimizerConfig, ft_manager: FTManager
+    ) -> None:
+        embedding_and_head = set().union(*map(embedding_and_head_parameters, model_parts))
+        make = functools.partial(_hybrid_muon, embedding_and_head=embedding_and_head, config=config)
+        super().__init__(
+            model_parts,
+            make,
+            muon_defaults(config),
+            ft_manager.manager,
+            use_ft_optimizer=ft_manager.use_async_quorum,
+        )
+
+
 def build_trinity_optimizers(
     model_parts: list[nn.Module],
     optimizer_config: OptimizerConfig,
     parallel_dims: ParallelDims,
     ft_manager: FTManager | None = None,
 ) -> OptimizersContainer:
-    """Muon + AdamW for `name = "Muon"`, TorchTitan's own optimizers otherwise."""
+    """Muon + AdamW for `name = "Muon"`, TorchTitan's own optimizers otherwise; under torchft,
+    in TorchTitan's torchft container either way."""
     if optimizer_config.name == "Muon":
         if optimizer_config.early_step_in_backward:
             raise NotImplementedError("Muon needs whole gradients: no early_step_in_backward")
         if ft_manager is not None and ft_manager.enabled:
-            raise NotImplementedError("Muon does not support TorchFT yet")
+            return MuonFTOptimizersContainer(model_parts, optimizer_config, ft_manager)
         return MuonOptimizersContainer(model_parts, optimizer_config)
     return build_optimizers(model_parts, optimizer_config, parallel_dims, ft_manager)

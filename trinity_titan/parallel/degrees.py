@@ -172,3 +172,12 @@ def check_layout(model_args: Any, parallelism: Any, seq_len: int, world_size: in
             "Trinity's CP attention; use 'headtail' (balanced) or None (contiguous chunks)"
         )
     return d
+
+
+def replica_groups(job_config: Any) -> int:
+    """torchft replica groups the data is split over: `[fault_tolerance] group_size` when fault
+    tolerance is on, else 1. Each group is its own job with the degrees above; TorchTitan's
+    trainer shards the data over (groups x the group's data-parallel degree) and counts the
+    global batch over all groups."""
+    ft = job_config.fault_tolerance
+    return max(1, ft.group_size) if ft.enable else 1

@@ -19,6 +19,7 @@ from torchtitan.tools.logging import logger
 from trinity_titan.compat.cpu import use_sum_reduction_on_gloo
 from trinity_titan.model.balance_loss import BalanceLossLayout
 from trinity_titan.parallel.context_parallel import apply_compile_around_cp, apply_context_parallel
+from trinity_titan.parallel.degrees import replica_groups
 from trinity_titan.parallel.moe_tensor_parallel import apply_trinity_moe_ep_tp
 from trinity_titan.parallel.tensor_parallel import apply_trinity_tp
 
@@ -85,12 +86,13 @@ def parallelize_trinity(
 
 
 def global_batch_sequences(job_config: JobConfig, parallel_dims: ParallelDims) -> int:
-    """Sequences per optimizer step over all data-parallel ranks (TorchTitan's global batch)."""
+    """Sequences per optimizer step over the data-parallel ranks of this job (TorchTitan's
+    global batch; under torchft, one replica group's share of it)."""
     global_batch = job_config.training.global_batch_size
-    if global_batch < 0:
+    if global_batch < 0:  # one micro-batch per rank, in every replica group
         batch_degree = parallel_dims.dp_replicate * parallel_dims.dp_shard
-        global_batch = job_config.training.local_batch_size * batch_degree
-    return global_batch
+        return job_config.training.local_batch_size * batch_degree
+    return global_batch // replica_groups(job_config)
 
 
 def fit_balance_loss(model: nn.Module, job_config: JobConfig, parallel_dims: ParallelDims) -> None:
@@ -100,6 +102,12 @@ def fit_balance_loss(model: nn.Module, job_config: JobConfig, parallel_dims: Par
       alpha * weight * sum of its sequences' losses; gradients are summed over micro-batches and
       ranks, so the objective gets alpha * (mean over the global batch), consistent with
       TorchTitan's cross-entropy (summed, divided by the global token count).
+    - torchft: the weight is 1 / (sequences of one replica group), not of all groups, and needs
+      no count of the live groups. Within a group gradients are summed as above; across groups
+      torchft averages them over the groups in the step's quorum (its AVG divides by the live
+      count, and a healing group adds zeros), which is how the cross-entropy, divided by the
+      group's own token count, becomes the mean over the live groups' tokens too. So the
+      objective is alpha * (mean over the live groups' sequences), however many are alive.
     - Context parallelism: each CP rank holds a part of every sequence. Its top-k hit counts are
       summed over the CP group (a [batch, experts] all-reduce per MoE layer, forward only), and
       each rank adds its share of the loss (see `sequence_balance_loss`).

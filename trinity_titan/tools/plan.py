@@ -136,7 +136,9 @@ def _ac_label(job_config: JobConfig, checkpointed: set[int], n_layers: int) -> s
 def make_plan(job_config: JobConfig, world_size: int, gpu: Gpu) -> Plan:
     """Check, parallelise on meta under a fake process group, and account memory per rank."""
     spec = get_train_spec(job_config.model.name)
-    checked = check_job(job_config, world_size, trinity_trainer=True, files=False)
+    checked = check_job(
+        job_config, world_size, trinity_trainer=True, files=False, fault_tolerant=True
+    )
     args, degrees = checked.model_args, checked.degrees
 
     created = not dist.is_initialized()

@@ -29,10 +29,11 @@ from trinity_titan.job_config import CONFIG_MODULE, ConfigError
 from trinity_titan.kernels.backend import resolve_backend
 from trinity_titan.model.args import TrinityModelArgs
 from trinity_titan.model.flavors import FLAVOR_ASSETS, trinity_flavors
-from trinity_titan.parallel.degrees import Degrees, check_layout
+from trinity_titan.parallel.degrees import Degrees, check_layout, replica_groups
 from trinity_titan.training.option_ranges import check_model_limits, check_option_ranges
 
 TRINITY_TRAINER = "python -m trinity_titan.train"
+TRINITY_FT_TRAINER = "python -m trinity_titan.train_ft"
 
 
 @dataclass(frozen=True)
@@ -45,13 +46,20 @@ class CheckedJob:
 
 
 def check_job(
-    job_config: JobConfig, world_size: int, *, trinity_trainer: bool, files: bool = True
+    job_config: JobConfig,
+    world_size: int,
+    *,
+    trinity_trainer: bool,
+    files: bool = True,
+    fault_tolerant: bool = False,
 ) -> CheckedJob:
     """Check `job_config` for `world_size` ranks; raise ConfigError on the first problem.
 
     `trinity_trainer`: the job runs under `-m trinity_titan.train` (False: TorchTitan's trainer,
     which lacks some of Trinity's features). `files`: also check paths and the tokenizer, which
-    is then built once and returned.
+    is then built once and returned. `fault_tolerant`: the trainer runs `[fault_tolerance]`
+    (`-m trinity_titan.train_ft`, or the planner, which plans one replica group); under
+    fault tolerance `world_size` is one replica group's.
     """
     check_sections(job_config)
     args = model_args(job_config)
@@ -59,8 +67,10 @@ def check_job(
     check_model_limits(job_config, args)
     degrees = check_layout(args, job_config.parallelism, job_config.training.seq_len, world_size)
     check_trainer_features(job_config, args, trinity_trainer)
-    ramp = BatchRamp.from_job_config(job_config, degrees.dp_replicate * degrees.dp_shard)
-    ramp.validate(job_config.training.local_batch_size, degrees.dp_replicate * degrees.dp_shard)
+    check_fault_tolerance(job_config, fault_tolerant)
+    dp_degree = degrees.dp_replicate * degrees.dp_shard * replica_groups(job_config)
+    ramp = BatchRamp.from_job_config(job_config, dp_degree)
+    ramp.validate(job_config.training.local_batch_size, dp_degree)
     tokenizer = None
     check_data_config(job_config)
     check_checkpoint_options(job_config)
@@ -122,6 +132,50 @@ def check_trainer_features(
         raise ConfigError(
             f"{'; '.join(needs)} needs Trinity's trainer. Fix: launch with `{TRINITY_TRAINER}` "
             "(torchrun ... -m trinity_titan.train) instead of `-m torchtitan.train`."
+        )
+
+
+def check_fault_tolerance(job_config: JobConfig, fault_tolerant: bool) -> None:
+    """`[fault_tolerance]` needs Trinity's torchft trainer, and a layout it can keep consistent
+    across replica groups."""
+    ft = job_config.fault_tolerance
+    if not ft.enable:
+        return
+    fix = f"launch each replica group with `{TRINITY_FT_TRAINER}` (see the README)"
+    if not fault_tolerant:
+        raise ConfigError(
+            "[fault_tolerance] enable = true needs Trinity's torchft trainer: other trainers "
+            "would not sum the expert-bias counts, NaN checks and metrics across replica groups. "
+            f"Fix: {fix}, or drop --fault_tolerance.enable."
+        )
+    if ft.group_size < 1 or not 0 <= ft.replica_id < ft.group_size:
+        raise ConfigError(
+            f"[fault_tolerance] replica_id = {ft.replica_id} and group_size = {ft.group_size}: "
+            "group_size must be the number of replica groups (>= 1) and replica_id one of "
+            f"0 .. group_size - 1. Fix: set --fault_tolerance.group_size G and give each group's "
+            "job its own --fault_tolerance.replica_id."
+        )
+    if job_config.parallelism.data_parallel_replicate_degree != 1:
+        raise ConfigError(
+            "[parallelism] data_parallel_replicate_degree = "
+            f"{job_config.parallelism.data_parallel_replicate_degree} under fault tolerance: the "
+            "replica groups are the replicate dimension of HSDP. Fix: set "
+            "--parallelism.data_parallel_replicate_degree 1 and run one job per replica group "
+            "(--fault_tolerance.group_size of them)."
+        )
+    if ft.semi_sync_method is not None:
+        raise ConfigError(
+            f"[fault_tolerance] semi_sync_method = {ft.semi_sync_method!r} is not supported: "
+            "LocalSGD and DiLoCo average the groups only every few steps, and the expert-bias "
+            "update, NaN guard and metrics of Trinity run every step. Fix: leave "
+            "semi_sync_method unset (each step's gradients are averaged across the groups)."
+        )
+    if not job_config.checkpoint.enable_ft_dataloader_checkpoints:
+        raise ConfigError(
+            "[checkpoint] enable_ft_dataloader_checkpoints = false under fault tolerance: a "
+            "restarted replica group would not resume its data position, and the checkpoint "
+            "another group saved does not hold this group's. Fix: drop "
+            "--checkpoint.no-enable-ft-dataloader-checkpoints."
         )
 
 

@@ -4,6 +4,9 @@
 `ExpertBiasBalancer` owns the rest: the optimizer pre-step hook that sums every MoE layer's counts
 (and balance-loss values) over the ranks, applies the update, and keeps the step's results for the
 metrics (`metrics()`), and `discard_step()` for a step whose update was skipped (NaN guard).
+Under torchft the sum also spans the live replica groups, so that every group applies the same
+update; the sum (`gather`) and the update (`apply`) are then run on either side of torchft's
+commit vote (see compat/torchft.py).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from torchtitan.distributed import ParallelDims
 
+from trinity_titan.compat.torchft import ReplicaGroups
 from trinity_titan.model.args import TrinityModelArgs
 from trinity_titan.model.moe import TrinityMoE
 
@@ -105,12 +109,20 @@ class ExpertBiasBalancer:
     The counts of all micro-batches of the step (and the balance-loss values) are summed in one
     all-reduce over the ranks that see different tokens: dp_replicate x dp_shard x cp, TorchTitan's
     "loss" mesh. Expert-parallel ranks are carved out of dp_shard x cp and count their own tokens
-    before dispatch, so they are covered too; tensor-parallel ranks see the same tokens.
+    before dispatch, so they are covered too; tensor-parallel ranks see the same tokens. Under
+    torchft, the "loss" mesh spans one replica group: the sum then also runs across the live
+    groups (`replica_groups`), or the groups' biases would drift apart.
     """
 
-    def __init__(self, model_parts: list[nn.Module], parallel_dims: ParallelDims) -> None:
+    def __init__(
+        self,
+        model_parts: list[nn.Module],
+        parallel_dims: ParallelDims,
+        replica_groups: ReplicaGroups | None = None,
+    ) -> None:
         self.layers = moe_layers(model_parts)
         self.parallel_dims = parallel_dims
+        self.replica_groups = replica_groups
         self.settings = (
             BalanceSettings.from_model_args(model_parts[0].model_args) if self.layers else None
         )
@@ -128,6 +140,16 @@ class ExpertBiasBalancer:
     @torch.no_grad()
     def update(self) -> None:
         """Sum the step's counts over the ranks, update every bias, start the next step."""
+        self.apply(self.gather())
+
+    @torch.no_grad()
+    def gather(self) -> torch.Tensor | None:
+        """The step's [layers, experts + 1] counts and balance-loss sums (last column), summed
+        over the ranks that see different tokens and the live replica groups; the balance-loss
+        column is then divided by the live groups (each group's is its own batch's mean). None
+        without MoE layers."""
+        if not self.layers:
+            return None
         stacked = torch.stack(
             [
                 torch.cat([moe.tokens_per_expert.double(), moe.balance_loss_sum.double()[None]])
@@ -137,6 +159,17 @@ class ExpertBiasBalancer:
         loss_mesh = self.parallel_dims.get_optional_mesh("loss")
         if loss_mesh is not None:
             dist.all_reduce(stacked, group=loss_mesh.get_group())
+        if self.replica_groups is not None:
+            self.replica_groups.all_reduce(stacked)
+            stacked[:, -1] /= max(1, self.replica_groups.participants())
+        return stacked
+
+    @torch.no_grad()
+    def apply(self, stacked: torch.Tensor | None) -> None:
+        """Update every bias from gathered counts (`gather`), keep them for the metrics, and
+        start the next step."""
+        if stacked is None:
+            return
         self.last_counts, self.last_balance_loss = stacked[:, :-1], stacked[:, -1]
         for (_, moe), counts in zip(self.layers, self.last_counts, strict=True):
             apply_bias_update(moe, counts, self.settings)

@@ -4,7 +4,11 @@ On every log step, next to TorchTitan's own metrics, to every backend:
   loss/ce, loss/z_loss, loss/batch_het, logits/max, logits/mean, logits/lse_sq_mean (from the loss
   statistics), loss/balance, moe/maxvio_worst, moe/load_frac_min, moe/load_frac_max,
   moe/dead_experts, moe/bias_min, moe/bias_max (from the expert-bias balancer),
-  data/skipped_documents (with `[data] on_bad_document = "skip"`: bad documents skipped so far).
+  data/skipped_documents (with `[data] on_bad_document = "skip"`: bad documents skipped so far),
+  ft/replica_groups (under torchft: the step's participants, the groups its gradients are
+  averaged over; a group healing at the first step is one, with zero contributions).
+Under torchft every statistic spans the live replica groups (a healing group's is left out), and
+so does the logged loss (see compat/torchft.py for why TorchTitan's is replaced).
 Per MoE layer, laid out for each backend so that one panel shows every layer:
   - TensorBoard: scalars moe/maxvio/layer_{i} and moe/dead_experts/layer_{i}, drawn together by a
     custom-scalars layout ("MoE by layer"), and a histogram moe/expert_load/layer_{i} of
@@ -37,6 +41,7 @@ from torchtitan.config import JobConfig
 from torchtitan.distributed import ParallelDims
 from torchtitan.tools.logging import logger
 
+from trinity_titan.compat.torchft import ReplicaGroups
 from trinity_titan.compat.torchtitan import metric_backends, set_wandb_tags
 from trinity_titan.data.skip_count import SkippedDocuments
 from trinity_titan.model.args import TrinityModelArgs
@@ -50,6 +55,7 @@ _STDOUT = (
     "logits/max",
     "moe/maxvio_worst",
     "data/skipped_documents",
+    "ft/replica_groups",
 )
 """The health metrics also printed on the console, after TorchTitan's step line."""
 
@@ -155,10 +161,13 @@ class TrinityMetricsProcessor(MetricsProcessor):
         loss_stats: LossStats | None = None,
         model_args: Any = None,
         skipped_documents: SkippedDocuments | None = None,
+        replica_groups: ReplicaGroups | None = None,
     ) -> None:
         super().__init__(job_config, parallel_dims, tag)
         self.loss_stats = loss_stats
         self.skipped_documents = skipped_documents
+        self.replica_groups = replica_groups
+        """The live torchft replica groups (None without fault tolerance)."""
         self.balancer: ExpertBiasBalancer | None = None
         self.backends = metric_backends(self.logger)
         self.alerts = AlertLimiter(job_config.wandb.alert_min_interval_s)
@@ -202,7 +211,12 @@ class TrinityMetricsProcessor(MetricsProcessor):
         extra_metrics: dict[str, Any] | None = None,
     ):
         metrics = dict(extra_metrics or {})
-        metrics.update(self.loss_metrics())
+        loss_metrics, losses = self.loss_summary()
+        metrics.update(loss_metrics)
+        if self.replica_groups is not None:
+            metrics["ft/replica_groups"] = self.replica_groups.participants()
+            if losses is not None:  # TorchTitan's are not the live groups' (compat/torchft.py)
+                global_avg_loss, global_max_loss = losses
         stats = self.balancer.layer_stats() if self.balancer is not None else None
         if self.balancer is not None:
             metrics.update(self.balancer.metrics())
@@ -250,35 +264,55 @@ class TrinityMetricsProcessor(MetricsProcessor):
         wandb.log(payload, step=step)
 
     def loss_metrics(self) -> dict[str, float]:
+        return self.loss_summary()[0]
+
+    def loss_summary(self) -> tuple[dict[str, float], tuple[float, float] | None]:
+        """The step's loss metrics over every rank (and live replica group), and TorchTitan's
+        logged (mean, max) loss recomputed from them: (CE + z-loss) over all valid tokens, and
+        the largest per-rank mean. One SUM and one MAX all-reduce."""
         stats = self.loss_stats
         if stats is None or not stats.microbatches:
-            return {}
+            return {}, None
         mbs = stats.microbatches
-        sums = torch.stack(
-            [torch.stack([t.ce_sum.double(), t.z_sum.double(), t.logit_sum.double()]) for t in mbs]
-        ).sum(0)
+        coef = self.job_config.loss.z_loss_coeff
+        ce_sum, z_sum, logit_sum = (
+            torch.stack(
+                [
+                    torch.stack([t.ce_sum.double(), t.z_sum.double(), t.logit_sum.double()])
+                    for t in mbs
+                ]
+            )
+            .sum(0)
+            .unbind()
+        )
         tokens = torch.stack([t.num_valid for t in mbs]).double()
         mb_ce = torch.stack([t.ce_sum.double() for t in mbs]) / tokens.clamp_min(1)
-        sums = torch.cat([sums, tokens.sum()[None]])
-        logit_max = torch.stack([t.logit_max.double() for t in mbs]).max()
+        rank_loss = (ce_sum + coef * z_sum) / tokens.sum().clamp_min(1)
+        sums = torch.stack(
+            [ce_sum, z_sum, logit_sum, tokens.sum(), mb_ce.sum(), tokens.new_tensor(len(mbs))]
+        )
+        maxes = torch.stack(
+            [torch.stack([t.logit_max.double() for t in mbs]).max(), mb_ce.max(), rank_loss]
+        )
         mesh = self.parallel_dims.get_optional_mesh("loss")
         if mesh is not None:
-            group = mesh.get_group()
-            dist.all_reduce(sums, group=group)
-            dist.all_reduce(logit_max, op=dist.ReduceOp.MAX, group=group)
-            gathered = [torch.empty_like(mb_ce) for _ in range(dist.get_world_size(group))]
-            dist.all_gather(gathered, mb_ce, group=group)
-            mb_ce = torch.cat(gathered)
-        ce, z, logit_sum, n = sums.tolist()
+            dist.all_reduce(sums, group=mesh.get_group())
+            dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=mesh.get_group())
+        if self.replica_groups is not None:
+            self.replica_groups.all_reduce(sums)
+            self.replica_groups.all_reduce(maxes, dist.ReduceOp.MAX)
+        ce, z, logit_sum, n, mb_ce_sum, mb_count = sums.tolist()
+        logit_max, mb_ce_max, loss_max = maxes.tolist()
         n = max(n, 1.0)
-        return {
+        metrics = {
             "loss/ce": ce / n,
-            "loss/z_loss": self.job_config.loss.z_loss_coeff * z / n,
-            "loss/batch_het": (mb_ce.max() - mb_ce.mean()).item(),
-            "logits/max": logit_max.item(),
+            "loss/z_loss": coef * z / n,
+            "loss/batch_het": mb_ce_max - mb_ce_sum / max(mb_count, 1.0),
+            "logits/max": logit_max,
             "logits/mean": logit_sum / (n * stats.vocab_size),
             "logits/lse_sq_mean": z / n,
         }
+        return metrics, ((ce + coef * z) / n, loss_max)
 
     def skipped_total(self) -> int:
         """Skipped documents over the data-parallel ranks (the ranks of one data-parallel
@@ -288,6 +322,8 @@ class TrinityMetricsProcessor(MetricsProcessor):
         if mesh is not None:
             count = count.to(mesh.device_type)
             dist.all_reduce(count, group=mesh.get_group())
+        if self.replica_groups is not None:
+            self.replica_groups.all_reduce(count)
         return int(count.item())
 
     def check_health(self, step: int, metrics: dict[str, Any]) -> str | None:
@@ -339,6 +375,7 @@ def build_trinity_metrics_processor(
     tag: str | None = None,
     loss_stats: LossStats | None = None,
     skipped_documents: SkippedDocuments | None = None,
+    replica_groups: ReplicaGroups | None = None,
 ) -> TrinityMetricsProcessor:
     """The metrics processor of the Trinity TrainSpec. wandb runs offline without an API key, and
     takes its project, name, group, tags and notes from `[wandb]` where no variable sets them."""
@@ -353,5 +390,5 @@ def build_trinity_metrics_processor(
             "`-m trinity_titan.train`; TorchTitan's trainer logs its own metrics only"
         )
     return TrinityMetricsProcessor(
-        job_config, parallel_dims, tag, loss_stats, model_args, skipped_documents
+        job_config, parallel_dims, tag, loss_stats, model_args, skipped_documents, replica_groups
     )

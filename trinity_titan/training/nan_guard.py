@@ -3,8 +3,9 @@
 A single NaN step would otherwise write NaN into every weight and every optimizer moment, and the
 run would carry on burning GPU hours. The guard sees every micro-batch loss (it wraps the loss
 function) and, just before the optimizer step, the loss terms of the step (from the loss
-statistics) and the clipped gradients; all ranks agree in one tiny all-reduce. Trinity's trainer
-owns the guard and acts on its verdict (trinity_titan/train.py).
+statistics) and the clipped gradients; all ranks agree in one tiny all-reduce (under torchft,
+one more across the live replica groups, so that every group skips the same steps). Trinity's
+trainer owns the guard and acts on its verdict (trinity_titan/train.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torchtitan.tools.logging import logger
 
+from trinity_titan.compat.torchft import ReplicaGroups
 from trinity_titan.job_config import NanGuard as NanGuardConfig
 from trinity_titan.training.loss import LossStats
 
@@ -55,8 +57,10 @@ class NanGuard:
         model_parts: list[nn.Module],
         loss_stats: LossStats,
         current_step: Callable[[], int],
+        replica_groups: ReplicaGroups | None = None,
     ) -> None:
         self.config = config
+        self.replica_groups = replica_groups
         self.model_parts = model_parts
         self.loss_stats = loss_stats
         self.current_step = current_step
@@ -88,7 +92,8 @@ class NanGuard:
         return 0 < first <= self.current_step() < first + self.config.inject_nan_steps
 
     def check_step(self) -> BadStep | None:
-        """One all-reduce (MAX) of [any local loss term bad, any local gradient bad]."""
+        """One all-reduce (MAX) of [any local loss term bad, any local gradient bad], then one
+        across the live replica groups under torchft."""
         grads = [
             _local(p.grad) for m in self.model_parts for p in m.parameters() if p.grad is not None
         ]
@@ -106,6 +111,8 @@ class NanGuard:
         flags = torch.stack([~loss_ok.to(device), ~grad_ok.to(device)]).float()
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if self.replica_groups is not None:
+            self.replica_groups.all_reduce(flags, dist.ReduceOp.MAX)
         bad_loss, bad_grad = (bool(f) for f in flags.tolist())
         if not (bad_loss or bad_grad):
             self.consecutive_skips = 0

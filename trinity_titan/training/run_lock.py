@@ -145,15 +145,23 @@ def _write(fd: int, holder: Holder) -> None:
     os.fsync(fd)
 
 
-def output_folders(dump_folder: str, checkpoint_folder: str | None) -> dict[Path, Path]:
+def lock_name(replica_id: int | None = None) -> str:
+    """The lock file's name: one per run, or one per torchft replica group (the groups of one
+    fault-tolerant run share their output folders)."""
+    return LOCK_NAME if replica_id is None else f"trinity_run.replica_{replica_id}.lock"
+
+
+def output_folders(
+    dump_folder: str, checkpoint_folder: str | None, name: str = LOCK_NAME
+) -> dict[Path, Path]:
     """Folder -> its lock file: the dump folder (lock inside), and a checkpoint folder outside it
     (lock beside it: inside, TorchTitan would take the folder's existence for a resume)."""
     dump = Path(dump_folder).absolute()
-    folders = {dump: dump / LOCK_NAME}
+    folders = {dump: dump / name}
     if checkpoint_folder is not None:
         ckpt = Path(os.path.normpath(dump / checkpoint_folder))
         if dump != ckpt and dump not in ckpt.parents:
-            folders[ckpt] = ckpt.parent / f"{ckpt.name}.{LOCK_NAME}"
+            folders[ckpt] = ckpt.parent / f"{ckpt.name}.{name}"
     return folders
 
 

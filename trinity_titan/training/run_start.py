@@ -9,6 +9,11 @@
 Both launchers call `start_run`: Trinity's trainer right after the process group is created,
 TorchTitan's trainer from the TrainSpec's tokenizer builder (after the job check). Every decision
 is made once and shared, so that all ranks raise the same ConfigError and stop together.
+
+Under torchft the replica groups share their output folders: each group takes a lock of its
+own, and the resume choice is TorchTitan's (the newest step folder that has a .metadata): other
+groups may be writing into the checkpoint folder, so no folder is judged damaged or moved, and
+a checkpoint saved by another group holds that group's data position, not this one's.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from trinity_titan.data.validate import (
     share,
 )
 from trinity_titan.job_config import ConfigError
-from trinity_titan.parallel.degrees import Degrees
+from trinity_titan.parallel.degrees import Degrees, replica_groups
 from trinity_titan.training.checkpoint_select import (
     Layout,
     ResumeChoice,
@@ -47,7 +52,7 @@ from trinity_titan.training.checkpoint_select import (
     damaged_folder,
     set_aside,
 )
-from trinity_titan.training.run_lock import RunLock, output_folders
+from trinity_titan.training.run_lock import RunLock, lock_name, output_folders
 
 T = TypeVar("T")
 
@@ -112,7 +117,9 @@ def take_lock(job_config: JobConfig) -> RunLock | None:
     if not job_config.run_lock.enable:
         return None
     checkpoint = job_config.checkpoint.folder if job_config.checkpoint.enable else None
-    folders = output_folders(job_config.job.dump_folder, checkpoint)
+    ft = job_config.fault_tolerance
+    name = lock_name(ft.replica_id if ft.enable else None)
+    folders = output_folders(job_config.job.dump_folder, checkpoint, name)
     lock = RunLock(folders, job_config.run_lock) if _rank_world()[0] == 0 else None
 
     def acquire() -> None:
@@ -130,6 +137,13 @@ def choose_resume_step(
     and the dataloader keys to reshard from when its layout differs (None: it does not)."""
     checkpoint = job_config.checkpoint
     if not checkpoint.enable or checkpoint.create_seed_checkpoint:
+        return None, None
+    if job_config.fault_tolerance.enable:
+        logger.info(
+            "Fault tolerance: TorchTitan resumes from the newest checkpoint step that has a "
+            ".metadata (other replica groups may be writing the folder; see run_start.py), and "
+            "each group's data position comes from its own ft-replicat-<id> folder"
+        )
         return None, None
     folder = _checkpoint_folder(job_config)
     choice: ResumeChoice = choose_resume(folder, checkpoint.load_step)
@@ -218,7 +232,13 @@ def validate_data(job_config: JobConfig, degrees: Degrees) -> list[FileScan]:
     on_bad = data.on_bad_document if data.sources else "error"  # the debug loader cannot skip
     warnings = check_scans(scans, on_bad)
     if data.sources and data.validate == "full":
-        check_enough_documents(scans, entries, degrees, job_config.training.dataloader.num_workers)
+        check_enough_documents(
+            scans,
+            entries,
+            degrees,
+            job_config.training.dataloader.num_workers,
+            replica_groups(job_config),
+        )
     if rank == 0 and scans:
         wall = max(s for _, s in gathered)
         n = sum(s.documents for s in scans)
@@ -237,25 +257,30 @@ def check_enough_documents(
     entries: list[tuple[str, str, str]],
     degrees: Degrees,
     num_workers: int,
+    groups: int = 1,
 ) -> None:
-    """Every (data-parallel rank, worker) reader of a source needs at least one document."""
-    readers = degrees.dp_replicate * degrees.dp_shard * max(1, num_workers)
+    """Every (data-parallel rank, worker) reader of a source needs at least one document; under
+    torchft every replica group has its own readers."""
+    dp_degree = degrees.dp_replicate * degrees.dp_shard * groups
+    readers = dp_degree * max(1, num_workers)
     for _, _, label in entries:
         usable = sum(s.usable for s in scans if s.source == label)
         if usable < readers:
             raise ConfigError(
                 f"{label} has {usable} usable document(s), fewer than its {readers} readers "
-                f"(data-parallel degree {degrees.dp_replicate * degrees.dp_shard} x "
+                f"(data-parallel degree {dp_degree} x "
                 f"max(1, num_workers = {num_workers})): some reader would get none. Fix: add "
                 "documents, or lower --training.dataloader.num_workers."
             )
 
 
 def check_enough_blocks(job_config: JobConfig, degrees: Degrees) -> None:
-    """Every reader of a local source needs at least one of its blocks (data/blocks.py)."""
+    """Every reader of a local source needs at least one of its blocks (data/blocks.py); under
+    torchft every replica group has its own readers."""
     data = job_config.data
     num_workers = job_config.training.dataloader.num_workers
-    readers = degrees.dp_replicate * degrees.dp_shard * max(1, num_workers)
+    dp_degree = degrees.dp_replicate * degrees.dp_shard * replica_groups(job_config)
+    readers = dp_degree * max(1, num_workers)
     for i, source in enumerate(data.sources):
         corpus = local_corpus(
             SourceSpec.from_dict(source), data.jsonl_block_bytes, data.table_block_rows
@@ -272,8 +297,8 @@ def check_enough_blocks(job_config: JobConfig, degrees: Degrees) -> None:
             fix = f"lower --data.table_block_rows to {max(1, rows // readers)} or less"
         raise ConfigError(
             f"[[data.sources]] entry {i} ({source['path']!r}) has {len(corpus)} block(s) {unit} "
-            f"for its {readers} readers (data-parallel degree "
-            f"{degrees.dp_replicate * degrees.dp_shard} x max(1, num_workers = {num_workers})): "
+            f"for its {readers} readers (data-parallel degree {dp_degree} x "
+            f"max(1, num_workers = {num_workers})): "
             f"some reader would get none. Fix: {fix}, or lower "
             "--training.dataloader.num_workers."
         )
