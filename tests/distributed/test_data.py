@@ -26,6 +26,7 @@ mixing = "rsdb"
 rsdb_buffer_docs = 4  # 2 per worker: refills often, so phase 2 documents arrive
 seed = 7
 table_block_rows = 8  # the 30-row parquet file: 4 blocks for the 2 readers
+jsonl_block_bytes = 65536
 
 [[data.sources]]
 path = "{corpus}"

@@ -31,8 +31,15 @@ ReaderState = dict[str, Any]
 """A `PackedDocumentStream.state_dict()`."""
 
 
-def _merge_source(readers: list[ReaderState], k: int) -> tuple[int, dict[str, Any]]:
-    """(the lowest open epoch, one new source state without its queue) for source `k`."""
+def _merge_source(
+    readers: list[ReaderState], k: int
+) -> tuple[int, dict[int, dict[str, Any]], dict[str, Any]]:
+    """(the lowest open epoch, the merged epochs of source `k`, the new shared part of its state).
+
+    The lowest epoch's blocks not done are those still in the queues of the readers in it; a
+    later epoch some readers have begun is described by what is done and partly read in it, and
+    the shares the other readers have not begun follow from the previous reshard's record of it
+    (`base`, kept by each reader for the epochs after its own)."""
     states = [r["mixture"]["sources"][k] for r in readers]
     first = states[0]
     if any(s.get("kind") != "local" for s in states):
@@ -40,13 +47,24 @@ def _merge_source(readers: list[ReaderState], k: int) -> tuple[int, dict[str, An
             "the data position of a hub dataset source cannot be resharded. Fix: resume with "
             "the saved data-parallel degree and num_workers, or use local files."
         )
-    nb, seed, base = first["num_blocks"], first["seed"], first["base"]
+    nb, seed = first["num_blocks"], first["seed"]
+    base: dict[int, dict[str, Any]] = {}
+    for s in states:
+        for e, b in s["base"].items():
+            base.setdefault(int(e), b)
     lo = min(s["epoch"] for s in states)
-    hi = max([s["epoch"] for s in states] + [e for e in base])
+    hi = max([s["epoch"] for s in states] + list(base))
     merged: dict[int, dict[str, Any]] = {}
     for e in range(lo, hi + 1):
+        if e == lo:
+            left = {b: start for r, s in zip(readers, states, strict=True)
+                    if s["epoch"] == lo for b, start in s["queue"]}  # fmt: skip
+            done = {b for b in range(nb) if b not in left}
+            partial = {b: start for b, start in left.items() if start > 0}
+            merged[e] = {"done": sorted(done), "partial": partial}
+            continue
         done = set(base.get(e, {}).get("done", []))
-        partial: dict[int, int] = {}
+        partial = {}
         for r, s in zip(readers, states, strict=True):
             share = assignment(nb, seed, e, base.get(e), r["shard"], r["num_shards"])
             if s["epoch"] > e:
@@ -62,9 +80,9 @@ def _merge_source(readers: list[ReaderState], k: int) -> tuple[int, dict[str, An
         key: first["before"][key] + sum(s[key] for s in states)
         for key in ("docs", "tokens", "skipped")
     }
-    source = {"kind": "local", "num_blocks": nb, "seed": seed, "epoch": lo, "base": merged,
+    source = {"kind": "local", "num_blocks": nb, "seed": seed, "epoch": lo,
               "exhausted": False, "docs": 0, "tokens": 0, "skipped": 0, "before": before}  # fmt: skip
-    return lo, source
+    return lo, merged, source
 
 
 def _open_documents(readers: list[ReaderState]) -> list[tuple[tuple[int, ...], int]]:
@@ -97,11 +115,12 @@ def reshard(readers: list[ReaderState], num_readers: int) -> dict[int, ReaderSta
     out = {}
     for shard in range(num_readers):
         sources = []
-        for lo, source in merged:
+        for lo, epochs, source in merged:
             queue = assignment(
-                source["num_blocks"], source["seed"], lo, source["base"].get(lo), shard, num_readers
+                source["num_blocks"], source["seed"], lo, epochs[lo], shard, num_readers
             )
-            sources.append({**source, "queue": queue})
+            later = {e: b for e, b in epochs.items() if e > lo}  # small: epochs just begun
+            sources.append({**source, "queue": queue, "base": later})
         mine = documents[shard::num_readers]
         open_ = {
             "addresses": np.asarray([a for a, _ in mine], np.int64).reshape(-1, 4),
