@@ -49,7 +49,7 @@ def test_last_save_in_hf_is_a_self_contained_folder(tmp_path):
     assert f"HF export {folder}: wrote config.json, generation_config.json, tokenizer.json" in log
     config = json.loads((folder / "config.json").read_text())
     assert (config["bos_token_id"], config["eos_token_id"], config["dtype"]) == (0, 1, "float32")
-    assert config["max_position_embeddings"] == 128  # the debug flavor's context
+    assert config["max_position_embeddings"] == 4096  # the debug flavor's context
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
