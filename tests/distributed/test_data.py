@@ -84,8 +84,9 @@ def test_bad_documents_are_skipped_and_counted(tmp_path):
     corpus.write_text("\n".join(lines) + "\n")
     config = tmp_path / "skip.toml"
     config.write_text(
-        DEBUG_TOML.read_text() + f'\n[data]\nmixing = "sequential"\non_bad_document = "skip"\n\n'
-        f'[[data.sources]]\npath = "{corpus}"\n'
+        DEBUG_TOML.read_text()
+        + '\n[data]\nmixing = "sequential"\non_bad_document = "skip"\njsonl_block_bytes = 4096\n\n'
+        + f'[[data.sources]]\npath = "{corpus}"\n'
     )
     args = ("--training.steps", "4", "--training.local_batch_size", "2",
             "--training.dataloader.num_workers", "1")  # fmt: skip

@@ -1,5 +1,6 @@
-"""Elastic resume: a run saved on 2 ranks continues on 1 rank (2 workers), on HSDP 2x2 and on
-FSDP 2 + EP 2, with every token of every document trained on exactly once.
+"""Elastic resume: a run saved on 2 ranks (1 worker each) continues on 1 rank with 2 workers, on
+HSDP 2x2 without workers and on FSDP 2 + EP 2, with every token of every document trained on
+exactly once.
 
 One 2-rank run (FSDP 2, RSDB over two sources whose documents carry unique ids, two phases, a
 batch ramp, Muon + AdamW, SMEBU, one dataloader worker) trains 8 steps and saves step 4. Copies of
@@ -72,13 +73,17 @@ weights = [0.5, 0.5]
 tokens = 14336
 global_batch_size = 32
 """
+SAVED_LAYOUT = ("--parallelism.data_parallel_shard_degree", "2",
+                "--training.dataloader.num_workers", "1")  # fmt: skip
 LAYOUTS = {
     "1 rank, 2 workers": (1, ("--parallelism.data_parallel_shard_degree", "1",
                               "--training.dataloader.num_workers", "2")),
-    "HSDP 2x2": (4, ("--parallelism.data_parallel_replicate_degree", "2",
-                     "--parallelism.data_parallel_shard_degree", "2")),
+    "HSDP 2x2, no worker": (4, ("--parallelism.data_parallel_replicate_degree", "2",
+                                "--parallelism.data_parallel_shard_degree", "2",
+                                "--training.dataloader.num_workers", "0")),
     "FSDP 2 + EP 2": (4, ("--parallelism.data_parallel_shard_degree", "4",
-                          "--parallelism.expert_parallel_degree", "2")),
+                          "--parallelism.expert_parallel_degree", "2",
+                          "--training.dataloader.num_workers", "1")),
 }  # fmt: skip
 
 
@@ -173,8 +178,7 @@ def test_resume_on_other_layouts_trains_every_token_once(tmp_path, monkeypatch):
     args = (*ARGS, *from_seed(seed))
     run = dict(config=config, module="tests.distributed.state_dump_trainer")
 
-    full, log = run_train(tmp_path / "full", 2, *args,
-                          "--parallelism.data_parallel_shard_degree", "2", **run)  # fmt: skip
+    full, log = run_train(tmp_path / "full", 2, *args, *SAVED_LAYOUT, **run)
     assert sorted(full) == list(range(1, STEPS + 1))
     full_phase, full_ramp = _phase_and_ramp(log)
     assert full_phase and all(10240 <= t < 10240 + 2048 for t in full_phase), full_phase
