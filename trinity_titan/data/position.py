@@ -57,8 +57,7 @@ def _merge_source(
     merged: dict[int, dict[str, Any]] = {}
     for e in range(lo, hi + 1):
         if e == lo:
-            left = {b: start for r, s in zip(readers, states, strict=True)
-                    if s["epoch"] == lo for b, start in s["queue"]}  # fmt: skip
+            left = {b: start for s in states if s["epoch"] == lo for b, start in s["queue"]}
             done = {b for b in range(nb) if b not in left}
             partial = {b: start for b, start in left.items() if start > 0}
             merged[e] = {"done": sorted(done), "partial": partial}
