@@ -55,11 +55,14 @@ def test_one_run_per_folder_and_a_killed_launcher_frees_it(tmp_path):
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
 
-    # A relaunch takes the stale lock over, trains, and releases the lock at its end.
+    # A relaunch takes the stale lock over, trains, and releases the lock at its end. A worker
+    # whose peer exited first may end through the collective's error instead of its watchdog:
+    # then it released the lock on its way out, and there is nothing to take over.
+    stale = (dump / LOCK_NAME).exists()
     losses, log = run_train(dump, 2, "--training.steps", "2", module="trinity_titan.train")
-    assert "Taking over the stale lock" in log, [
-        x for x in log.splitlines() if "lock" in x.lower() or "error" in x.lower()
-    ]
-    assert f"pid {holder['pid']}, started " in log and "no longer exists" in log
+    if stale:
+        lock_lines = [x for x in log.splitlines() if "lock" in x.lower()]
+        assert "Taking over the stale lock" in log, lock_lines
+        assert f"pid {holder['pid']}, started " in log and "no longer exists" in log
     assert sorted(losses) == [1, 2]
     assert not (dump / LOCK_NAME).exists()
