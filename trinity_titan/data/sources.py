@@ -97,6 +97,20 @@ def encode(tokenizer: BaseTokenizer, text: str, where: str) -> np.ndarray:
     return np.asarray(ids, np.int32)
 
 
+def skip_or_raise(where: str, problem: str, skip_bad: bool, skipped: int) -> int:
+    """A document without a usable text: BadDocumentError, or (`skip_bad`) the new count of
+    skipped documents, the first ones and every 1000th named in a WARNING."""
+    if not skip_bad:
+        raise BadDocumentError(
+            f"{where} {problem}. Fix: point text_field at the field that holds the text, or set "
+            '[data] on_bad_document = "skip".'
+        )
+    skipped += 1
+    if skipped <= _LOGGED_SKIPS or skipped % 1000 == 0:
+        logger.warning(f"Skipped {where}: it {problem} ({skipped} so far)")
+    return skipped
+
+
 def epoch_order(num_blocks: int, seed: list[int], epoch: int) -> list[int]:
     """The block order of an epoch: file order first, then a seeded shuffle per epoch."""
     if epoch == 0:
@@ -197,16 +211,9 @@ class LocalDocumentSource:
                 self.docs += 1
                 self.tokens += len(tokens)
                 return tokens, (self.epoch, block, index)
-            if not self.skip_bad:
-                raise BadDocumentError(
-                    f"{self._where(block, index)} {problem}. Fix: point text_field at the field "
-                    'that holds the text, or set [data] on_bad_document = "skip".'
-                )
-            self.skipped += 1
-            if self.skipped <= _LOGGED_SKIPS or self.skipped % 1000 == 0:
-                logger.warning(
-                    f"Skipped {self._where(block, index)}: it {problem} ({self.skipped} so far)"
-                )
+            self.skipped = skip_or_raise(
+                self._where(block, index), problem, self.skip_bad, self.skipped
+            )
 
     def fetch(self, address: Address) -> np.ndarray:
         """The tokens of the document at `address` (to rebuild a buffer on resume)."""
@@ -330,14 +337,7 @@ class HFDocumentSource:
                 self.docs += 1
                 self.tokens += len(tokens)
                 return tokens, None
-            if not self.skip_bad:
-                raise BadDocumentError(
-                    f"{self._where()} {problem}. Fix: point text_field at the field that holds "
-                    'the text, or set [data] on_bad_document = "skip".'
-                )
-            self.skipped += 1
-            if self.skipped <= _LOGGED_SKIPS or self.skipped % 1000 == 0:
-                logger.warning(f"Skipped {self._where()}: it {problem} ({self.skipped} so far)")
+            self.skipped = skip_or_raise(self._where(), problem, self.skip_bad, self.skipped)
 
     def state_dict(self) -> dict[str, Any]:
         hf = self._pending if self._it is None else self.ds.state_dict()
